@@ -1,0 +1,1 @@
+"""CLI subcommands: each module has ``configure_parser(parser)`` and ``main(args) -> int``."""

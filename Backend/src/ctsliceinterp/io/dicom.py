@@ -1,0 +1,1 @@
+"""DICOM adapter (implemented by the I/O work of issue 2)."""
