@@ -48,10 +48,22 @@ def read_itk(path: str) -> Volume:
         raise InputError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
     volume = volume_from_sitk(image, source=str(path))
     meta = {"source_format": "itk"}
+    label_header = _label_map_header(metadata)
+    if label_header:
+        meta["label_map_header"] = label_header
     thickness = metadata.get("slice_thickness") or metadata.get("SliceThickness")
     if thickness:
         meta["slice_thickness"] = thickness
     return volume.replace(**meta)
+
+
+def _label_map_header(header: dict) -> str | None:
+    """Slicer segmentation NRRD keys, or a NIfTI label intent, mark a label map."""
+    if any(key.startswith("Segment") and key.endswith("_ID") for key in header) or "Segmentation_MasterRepresentation" in header:
+        return "the header is a Slicer segmentation"
+    if str(header.get("intent_code", "")).strip() == "1002" or str(header.get("intent_name", "")).strip().lower() in ("label", "labels"):
+        return "the NIfTI header declares a label intent"
+    return None
 
 
 def write_itk(volume: Volume, path: str, compress: bool = True) -> None:
