@@ -52,6 +52,8 @@ SPACING_RELATIVE_TOLERANCE = 0.01
 TILT_TOLERANCE_PIXELS = 0.1
 
 SCAN_THREADS = 4
+# A file of these modalities without Rows/Columns is a broken image, not a report or a DICOMDIR.
+IMAGE_MODALITIES = {"CT", "MR", "PT", "NM", "CR", "DX", "XA", "RF", "US", "OT", "MG"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +137,9 @@ def _scan_member(member: _Member) -> _Slice | None:
             raise InputError(f"cannot read DICOM file {member.display}: {_short(exc)} (corrupted or truncated?)") from None
         return None
     if rows is None or columns is None:
-        if claims_dicom and not ds.get("DirectoryRecordSequence") and ("PixelData" in ds or not ds.get("SOPClassUID")):
-            raise InputError(f"DICOM file {member.display} has no Rows/Columns: not an image (corrupted?)")
+        looks_like_image = "PixelData" in ds or "ImagePositionPatient" in ds or str(ds.get("Modality", "")) in IMAGE_MODALITIES
+        if claims_dicom and (looks_like_image or not ds.get("SOPClassUID")):
+            raise InputError(f"DICOM file {member.display} has no Rows/Columns: corrupted or truncated")
         return None  # DICOMDIR, structured report, presentation state...: not an image slice
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
