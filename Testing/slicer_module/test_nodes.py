@@ -1,0 +1,186 @@
+"""Volume nodes <-> Volume: geometry against known physical positions, bad inputs, output nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import slicer
+from CTSliceInterpLib import layout, logic, nodes
+from ctsliceinterp.errors import InputError, OutputError
+from ctsliceinterp.volume import Volume
+from slicerlib_helpers import add_volume_node, ijk_to_ras, set_ijk_to_ras
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def oblique_ras_directions(flip: bool = False) -> np.ndarray:
+    a = np.deg2rad(25.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(a / 3), -np.sin(a / 3), 0], [np.sin(a / 3), np.cos(a / 3), 0], [0, 0, 1]])
+    d = rz @ rx
+    return d @ np.diag([1, -1, 1]) if flip else d
+
+
+CASES = {
+    # DICOM axial (LPS identity): Slicer shows negative x and y columns.
+    "axial": np.diag([-1.0, -1.0, 1.0]),
+    "oblique": oblique_ras_directions(),
+    "flipped": oblique_ras_directions(flip=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_node_geometry_matches_known_physical_positions(scene, case):
+    spacing = np.array([0.7, 0.8, 5.0])
+    origin_ras = np.array([12.5, -30.0, 44.0])
+    matrix = np.eye(4)
+    matrix[:3, :3] = CASES[case] * spacing
+    matrix[:3, 3] = origin_ras
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "thick")
+    array = np.random.default_rng(1).integers(-1000, 1500, size=(6, 9, 7)).astype(np.int16)
+    slicer.util.updateVolumeFromArray(node, array)
+    set_ijk_to_ras(node, matrix)
+
+    volume = nodes.volume_from_node(node)
+
+    assert volume.shape == (6, 9, 7)
+    np.testing.assert_array_equal(volume.array, array)
+    assert volume.array.dtype == np.int16
+    np.testing.assert_allclose(volume.spacing, spacing)
+    # Every corner voxel lands on the LPS point of its RAS position.
+    for ijk in [(0, 0, 0), (6, 0, 0), (0, 8, 0), (0, 0, 5), (6, 8, 5), (3, 4, 2)]:
+        ras = matrix @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(volume.geometry.index_to_physical(ijk), RAS_TO_LPS @ ras[:3], atol=1e-9)
+    # Back to a node: the same IJKToRAS, the same voxels.
+    copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
+    nodes.update_node_from_volume(copy, volume)
+    np.testing.assert_allclose(ijk_to_ras(copy), matrix, atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy), array)
+
+
+def test_flip_is_its_own_inverse_and_flips_first_two_rows():
+    direction = oblique_ras_directions()
+    origin = np.array([1.0, 2.0, 3.0])
+    o, d = nodes.flip_ras_lps(origin, direction)
+    np.testing.assert_allclose(o, [-1.0, -2.0, 3.0])
+    np.testing.assert_allclose(d[:2], -direction[:2])
+    np.testing.assert_allclose(d[2], direction[2])
+    o2, d2 = nodes.flip_ras_lps(o, d)
+    np.testing.assert_allclose(o2, origin)
+    np.testing.assert_allclose(d2, direction)
+
+
+def test_dicom_axial_volume_known_ijk_to_ras(scene, make_volume):
+    thick = make_volume(origin=(10.0, 20.0, 30.0))  # LPS, identity direction
+    node = add_volume_node(scene, thick)
+    expected = np.array([[-0.8, 0, 0, -10.0], [0, -0.7, 0, -20.0], [0, 0, 5.0, 30.0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(ijk_to_ras(node), expected, atol=1e-12)
+
+
+def _scene_node_ids(scene):
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def test_bad_inputs_are_refused_before_anything_is_made(scene, make_volume):
+    thick = make_volume()
+    good = add_volume_node(scene, thick, "good")
+    label = add_volume_node(scene, thick.replace(array=(thick.array > 0).astype(np.uint8)), "labels",
+                            class_name="vtkMRMLLabelMapVolumeNode", study=False)
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    slicer.util.updateVolumeFromArray(rgb, np.zeros((3, 8, 8, 3), np.uint8))
+    flat = add_volume_node(scene, Volume.from_array(np.zeros((1, 8, 8), np.int16), (1, 1, 5)), "single slice",
+                           study=False)
+    thin = add_volume_node(scene, make_volume(spacing=(0.8, 0.7, 1.0)), "thin", study=False)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    before_ids = _scene_node_ids(scene)
+    before = slicer.util.arrayFromVolume(good).copy()
+    lg = logic.InterpolationLogic(scene=scene, local_backend_factory=lambda: pytest.fail("no backend for bad input"))
+
+    cases = [
+        (None, None, "no input volume"),
+        (label, None, "label map"),
+        (rgb, None, "vector/colour"),
+        (flat, None, "2-D image"),
+        (thin, None, "already at or below"),
+        (empty, None, "no image data"),
+        (good, good, "output volume is the input"),
+        (good, label, "must be a scalar volume"),
+    ]
+    for input_node, output_node, message in cases:
+        with pytest.raises(InputError, match=message):
+            lg.start(input_node, output_node, spacing=1.0)
+    assert lg.localBackend is None
+    assert _scene_node_ids(scene) == before_ids
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(good), before)
+
+
+def test_output_node_name_geometry_display_and_hierarchy(scene, make_volume):
+    from ctsliceinterp.grid import thin_grid
+
+
+    thick = make_volume(direction=tuple((RAS_TO_LPS @ oblique_ras_directions()).ravel()))
+    source = add_volume_node(scene, thick, "CT thick")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    source.SetAndObserveTransformNodeID(transform.GetID())
+    target = thin_grid(thick.geometry, 1.25)
+    result = Volume(np.zeros(target.shape, np.float32), target)
+
+    out = nodes.write_output(scene, source, result, name=nodes.output_name("CT thick", 1.25), expected=target)
+
+    assert out.GetName() == "CT thick_1.25mm"
+    got = nodes.geometry_from_node(out)
+    assert got.shape == target.shape
+    np.testing.assert_allclose(got.spacing, (0.8, 0.7, 1.25))
+    np.testing.assert_allclose(got.direction_matrix, thick.geometry.direction_matrix, atol=1e-12)
+    np.testing.assert_allclose(got.origin, thick.origin, atol=1e-9)  # first thin slice = first thick slice
+    assert out.GetDisplayNode().GetWindow() == 400.0 and out.GetDisplayNode().GetLevel() == 40.0
+    hierarchy = scene.GetSubjectHierarchyNode()
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(out)) == hierarchy.GetItemParent(
+        hierarchy.GetItemByDataNode(source))
+    assert out.GetParentTransformNode().GetID() == transform.GetID()
+
+
+def test_result_on_the_wrong_grid_leaves_no_node(scene, make_volume):
+    from ctsliceinterp.grid import thin_grid
+
+    thick = make_volume()
+    source = add_volume_node(scene, thick)
+    target = thin_grid(thick.geometry, 1.0)
+    wrong = Volume(np.zeros((target.shape[0] - 1,) + target.shape[1:], np.float32),
+                   target.with_slices(0.0, target.shape[0] - 1, 1.0))
+    before = _scene_node_ids(scene)
+    with pytest.raises(OutputError, match="different grid"):
+        nodes.write_output(scene, source, wrong, expected=target)
+    assert _scene_node_ids(scene) == before
+
+
+def test_side_by_side_layout(scene, make_volume):
+    thick = make_volume()
+    left = add_volume_node(scene, thick, "in")
+    right = add_volume_node(scene, thick, "out", study=False)
+    spread = add_volume_node(scene, thick, "unc", study=False)
+    layout.show_side_by_side(scene, left, right, spread)
+    assert scene.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement() == layout.SIDE_BY_SIDE
+    red, yellow = layout.composite_node(scene, "Red"), layout.composite_node(scene, "Yellow")
+    assert red.GetBackgroundVolumeID() == left.GetID()
+    assert yellow.GetBackgroundVolumeID() == right.GetID()
+    assert yellow.GetForegroundVolumeID() == spread.GetID() and yellow.GetForegroundOpacity() > 0
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    layout.show_uncertainty(scene, spread, False)
+    assert yellow.GetForegroundVolumeID() is None
+
+
+def test_job_parameters():
+    assert logic.job_parameters("bspline", 1.0) == {"spacing": 1.0, "method": "bspline"}
+    assert logic.job_parameters("tiny", 0.5, steps=4, samples=3, consistency=False, seed=2) == {
+        "spacing": 0.5, "method": "diffusion", "model": "tiny", "steps": 4, "samples": 3, "consistency": False,
+        "seed": 2}
+    assert "model" not in logic.job_parameters("diffusion", 1.0)
+    with pytest.raises(InputError):
+        logic.job_parameters("tiny", 1.0, samples=0)
+
+
+def test_classical_method_names_match_the_backend():
+    from ctsliceinterp.classical import CLASSICAL_METHODS
+
+    assert logic.CLASSICAL_METHODS == CLASSICAL_METHODS
