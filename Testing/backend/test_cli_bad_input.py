@@ -184,5 +184,10 @@ def test_good_dicom_zip_to_dicom_series(capsys, tmp_path):
     assert thin.origin == pytest.approx((-10.0, 20.0, 100.0))
     assert thin.metadata["series_description"] == "5mm thin 1mm (CTSliceInterp)"
     assert tree_digest(archive) == before
+    code = main(["interpolate", str(archive), "--series", "thick", "--like", str(archive), "--like-series", "thin",
+                 "-o", str(tmp_path / "like.nrrd"), "--no-progress", "--method", "linear"])
+    assert code == 0, capsys.readouterr().err
+    like = read_volume(tmp_path / "like.nrrd")
+    assert like.shape == (16, 10, 12) and like.origin == pytest.approx((-10.0, 20.0, 100.0))
     code = main(["info", str(archive), "--series", "thin"])
     assert code == 0 and "16" in capsys.readouterr().out

@@ -151,6 +151,8 @@ def test_single_file_reads_its_series(tmp_path):
     write_series(tmp_path / "s", hu_volume(seed=3), names=[f"other{k}.dcm" for k in range(6)], origin=(0, 0, 0))
     volume = read_volume(paths[2])
     np.testing.assert_array_equal(volume.array, hu)
+    bare = write_series(tmp_path / "bare", hu, names=[f"IM{k}" for k in range(6)])  # no extension
+    np.testing.assert_array_equal(read_volume(bare[0]).array, hu)
 
 
 # --- several series, case layout -------------------------------------------------------------

@@ -16,6 +16,7 @@ def configure_parser(parser) -> None:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--spacing", type=float, default=DEFAULT_SPACING_MM, help="target slice spacing in mm (default 1.0)")
     grid.add_argument("--like", metavar="REF", help="put the output on the slice positions of this reference volume")
+    parser.add_argument("--like-series", choices=["thick", "thin"], help="series of a case ZIP/folder given to --like")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
     model = parser.add_argument_group("diffusion model options")
     model.add_argument("--model", help="model name or checkpoint folder (default: the shipped model)")
@@ -67,7 +68,7 @@ def main(args) -> int:
     if args.uncertainty:
         check_output_path(args.uncertainty, inputs + [args.output])
     volume = read_volume(args.input, series=args.series, series_uid=args.series_uid)
-    reference = read_volume(args.like).geometry if args.like else None
+    reference = read_volume(args.like, series=args.like_series).geometry if args.like else None
     request = build_request(args, reference)
     progress = TqdmProgress(enabled=not args.no_progress)
     try:

@@ -25,6 +25,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM files often have no extension (IM0001, 1.2.840...): look for the DICM marker."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def read_volume(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None) -> Volume:
     """Read a CT volume in HU with its geometry (LPS). See the module docstring for formats.
 
@@ -36,7 +45,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None, series_uid: 
     if not p.exists():
         raise InputError(f"input not found: {p}")
     suffix = _suffix(p)
-    if p.is_dir() or suffix in (".zip", ".dcm"):
+    if p.is_dir() or suffix in (".zip", ".dcm") or (suffix not in ITK_SUFFIXES and _is_dicom_file(p)):
         from .dicom import read_dicom  # pydicom is imported only when DICOM is read
 
         volume = read_dicom(p, series=series, series_uid=series_uid)

@@ -377,7 +377,8 @@ def _read_slice_pixels(s: _Slice) -> tuple[np.ndarray, float, float]:
 
     try:
         with s.member.opener() as f:
-            ds = pydicom.dcmread(f, force=True)
+            data = f.read()  # one read: ZIP inflation runs outside the GIL, in parallel
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupted file for the user
         raise InputError(f"cannot decode the pixels of {s.member.display}: {_short(exc)} (corrupted or unsupported compression?)") from None
