@@ -1,0 +1,94 @@
+"""`ctsliceinterp evaluate --thin REF [--thick REAL_THICK | --thickness 5] --methods ... --json OUT --report DIR`"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+DEFAULT_METHODS = "linear,bspline,lanczos"
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--thin", required=True, metavar="REF", help="thin reference CT (file, DICOM folder or ZIP)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--thick", metavar="REAL_THICK", help="the real thick series of the same scan (a real pair)")
+    source.add_argument("--thickness", type=float, metavar="MM", help="simulate thick slices of this width from the reference (slab means)")
+    parser.add_argument("--spacing", type=float, metavar="MM",
+                        help="with --thickness: distance between simulated thick-slice centres (default: the thickness, contiguous slabs)")
+    parser.add_argument("--thin-series", choices=["thick", "thin"], help="series of a case ZIP/folder to read for --thin (default: thin when --thin and --thick are the same case)")
+    parser.add_argument("--thick-series", choices=["thick", "thin"], help="series of a case ZIP/folder to read for --thick (default: thick when --thin and --thick are the same case)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default {DEFAULT_METHODS})")
+    parser.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
+    parser.add_argument("--report", metavar="DIR", help="write axial/coronal/sagittal PNG figures and summary.md into DIR")
+    parser.add_argument("--name", help="case name for the report (default: the reference file name)")
+    model = parser.add_argument_group("diffusion model options (method 'diffusion')")
+    model.add_argument("--model", help="model name or checkpoint folder")
+    model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
+    model.add_argument("--seed", type=int, default=0, help="random seed (default 0, so reruns are comparable)")
+    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
+    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..evaluate import evaluate_methods, format_table, real_pair_case, simulated_case, write_json, write_summary
+    from ..io import read_volume
+    from ..io.atomic import check_output_path
+    from ..run import available_methods
+    from .common import TqdmProgress
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in available_methods()]
+    if not methods or unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(available_methods())}")
+    if args.spacing is not None and args.thick:
+        raise InputError("--spacing applies to simulated thick slices (--thickness) only")
+    inputs = [args.thin, args.thick]
+    if args.json:
+        check_output_path(args.json, inputs)
+    report_dir = None
+    if args.report:
+        report_dir = Path(args.report)
+        check_output_path(report_dir, inputs)
+        report_dir.mkdir(exist_ok=True)
+
+    # One case ZIP/folder for both (the dataset's case_X/1 thick, case_X/2 thin layout).
+    same_case = bool(args.thick) and Path(args.thin).resolve() == Path(args.thick).resolve()
+    reference = read_volume(args.thin, series=args.thin_series or ("thin" if same_case else None))
+    name = args.name or Path(args.thin).name
+    if args.thick:
+        thick = read_volume(args.thick, series=args.thick_series or ("thick" if same_case else None))
+        case = real_pair_case(thick, reference, name)
+    else:
+        case = simulated_case(reference, args.thickness, args.spacing, name)
+    del reference
+
+    options = {"device": args.device, "seed": args.seed}
+    if "diffusion" in methods:
+        options.update(model=args.model, steps=args.steps, sampler=args.sampler)
+    progress = TqdmProgress(enabled=not args.no_progress)
+    try:
+        evaluation = evaluate_methods(case, methods, options, progress=progress)
+    finally:
+        progress.close()
+
+    d = case.describe()
+    print(f"{name}: {d['kind']}, {d['thick']['slices']} thick slices every {d['thick']['spacing_mm']:g} mm -> "
+          f"{d['reference']['slices']} reference slices every {d['reference']['spacing_mm']:g} mm "
+          f"({d['evaluated_slices']} scored)")
+    print(format_table(evaluation))
+    command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    if args.json:
+        write_json(evaluation, args.json, {"command": command} if command else None)
+        print(f"wrote {args.json}")
+    if report_dir is not None:
+        from ..figures import evaluation_figures
+
+        outputs = {m: r.output for m, r in evaluation.results.items()}
+        figures = evaluation_figures(case.thick, outputs, case.reference, report_dir, title=name)
+        summary = write_summary(evaluation, report_dir / "summary.md", command, figures)
+        print(f"wrote {', '.join(figures)}, {summary}")
+    return 0
