@@ -1,0 +1,78 @@
+"""Reading an upload: the body streams in chunk by chunk and stops at the size limit, so an
+oversized or never-ending body costs at most the limit in memory. Multipart bodies (as ``curl
+-F`` sends them) are split with a small parser, without any extra package."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Optional
+
+from starlette.requests import ClientDisconnect, Request
+
+from ..errors import InputError
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class UploadStalled(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytearray:
+    """The whole body, or ``UploadTooLarge`` as soon as it passes ``limit`` bytes,
+    ``UploadStalled`` when no data arrives for ``idle_timeout`` s, ``ClientDisconnect``."""
+    body = bytearray()
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout)
+        except StopAsyncIteration:
+            return body
+        except asyncio.TimeoutError:
+            raise UploadStalled() from None
+        if len(body) + len(chunk) > limit:
+            raise UploadTooLarge()
+        body += chunk
+
+
+_BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)
+_NAME = re.compile(rb'name="([^"]{1,100})"', re.IGNORECASE)
+
+
+def split_multipart(body: bytes | bytearray, content_type: str) -> dict[str, bytes]:
+    """``{field name: bytes}`` of a multipart/form-data body."""
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        raise InputError("multipart upload without a boundary in its Content-Type")
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    view = memoryview(body)
+    parts: dict[str, bytes] = {}
+    position = body.find(delimiter)
+    if position < 0:
+        raise InputError("multipart upload: the boundary never appears in the body")
+    while True:
+        position += len(delimiter)
+        if body[position:position + 2] == b"--":
+            return parts
+        header_end = body.find(b"\r\n\r\n", position)
+        next_delimiter = body.find(b"\r\n" + delimiter, header_end + 4) if header_end >= 0 else -1
+        if header_end < 0 or next_delimiter < 0:
+            raise InputError("multipart upload is truncated or malformed")
+        headers = bytes(view[position:header_end])
+        name = _NAME.search(headers)
+        if name is None:
+            raise InputError("multipart part without a name")
+        parts[name.group(1).decode("latin-1")] = bytes(view[header_end + 4:next_delimiter])
+        position = next_delimiter + 2
+
+
+def content_length(request: Request) -> Optional[int]:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InputError(f"invalid Content-Length header {value[:30]!r}")
+    return int(value)

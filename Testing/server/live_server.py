@@ -1,0 +1,76 @@
+"""A real uvicorn server on 127.0.0.1 (a free port), run in a thread of the test process.
+
+Test modules import the fixtures from here (a conftest.py in this folder would shadow
+Testing/conftest.py, whose helpers they also import)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class RunningServer:
+    def __init__(self, config, port: int = 0, ssl_certfile=None, ssl_keyfile=None):
+        import uvicorn
+
+        from ctsliceinterp.server import create_app
+
+        self.config = config
+        self.app = create_app(config)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        scheme = "https" if ssl_certfile else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=2)
+        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    @property
+    def manager(self):
+        return self.app.state.manager
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(**ServerConfig fields)`` -> RunningServer; all are stopped after the test."""
+    from ctsliceinterp.server import ServerConfig
+
+    servers = []
+
+    def _start(port: int = 0, ssl_certfile=None, ssl_keyfile=None, **fields):
+        server = RunningServer(ServerConfig(**fields), port, ssl_certfile, ssl_keyfile)
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server():
+    """One plain server (no token) for the tests that do not need special settings."""
+    from ctsliceinterp.server import ServerConfig
+
+    server = RunningServer(ServerConfig(max_upload_bytes=2 * 1024 * 1024))
+    yield server
+    server.stop()
