@@ -70,10 +70,12 @@ def main(argv=None) -> int:
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(thin_folder)))
             return sitk.GetArrayFromImage(reader.Execute())
 
-        bench("thin folder, SimpleITK series reader (reference)", itk_series, "140")
+        bench("thin folder, extracted (ctsliceinterp)", lambda: read_volume(thin_folder), "140")
+        bench("thin folder, extracted (SimpleITK/GDCM, reference)", itk_series, "140")
 
     cores = os.cpu_count()
-    print(f"machine: {platform.node() or 'unknown'}, {platform.machine()}, {cores} CPU cores visible; "
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.machine()}, {cores} CPU cores visible, load average {load}; "
           f"median of {args.repeats} reads after one warm-up (files in the OS cache)")
     print(f"| {'what':<50} | {'files':<24} | {'size (x,y,z)':<12} | median s |")
     print(f"|{'-' * 52}|{'-' * 26}|{'-' * 14}|----------|")

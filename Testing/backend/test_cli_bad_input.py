@@ -156,6 +156,8 @@ def test_output_equal_to_input(capsys, tmp_path):
     run_refused(capsys, volume_path, volume_path, pattern="is the input")
     write_series(tmp_path / "series", hu_volume())
     run_refused(capsys, tmp_path / "series", tmp_path / "series", pattern="is the input")
+    # A file of a series as input, its folder as output: replacing the folder would delete the input.
+    run_refused(capsys, tmp_path / "series" / "slice000.dcm", tmp_path / "series", pattern="holds the input")
 
 
 def test_existing_dicom_output_folder_is_not_replaced(capsys, tmp_path):

@@ -27,6 +27,9 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
                 same = os.path.samefile(out, src)
         if same:
             raise OutputError(f"the output path {out} is the input: choose another output so the input is kept")
+        if out.resolve() in src.resolve().parents:
+            # Replacing a folder (a DICOM series output) would delete the input inside it.
+            raise OutputError(f"the output folder {out} holds the input {src}: choose another output so the input is kept")
     if not out.parent.exists():
         raise OutputError(f"the output folder {out.parent} does not exist")
     return out
