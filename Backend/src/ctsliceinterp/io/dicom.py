@@ -16,9 +16,12 @@ origin = ImagePositionPatient of the first slice after sorting.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
+import logging
 import os
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,7 +126,6 @@ def _scan_member(member: _Member) -> _Slice | None:
     """Parse one header. Returns None for files that are not DICOM images (README, DICOMDIR,
     reports); raises InputError for a file that claims to be DICOM but cannot be read."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or _looks_like_dicom(member)
     try:
@@ -132,7 +134,7 @@ def _scan_member(member: _Member) -> _Slice | None:
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         rows, columns = ds.get("Rows"), ds.get("Columns")
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - a parser failure of any kind means "not readable"
         if claims_dicom:
             raise InputError(f"cannot read DICOM file {member.display}: {_short(exc)} (corrupted or truncated?)") from None
         return None
@@ -427,6 +429,21 @@ def _carried_tags(header) -> dict[str, Any]:
     return {key: _text(header.get(key)) for key in CARRIED_TAGS if key in header}
 
 
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom warns (and logs) about every oddity of a non-DICOM or damaged file; the errors we
+    raise already name the file and the problem, so keep the terminal clean while scanning."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None) -> Volume:
     """Read one DICOM CT series as a Volume in HU (LPS geometry).
 
@@ -453,7 +470,8 @@ def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: s
                 raise InputError(f"{p} is not a DICOM image")
             members = _folder_members(p.parent, recursive=False)
             series_uid = series_uid or single.series_uid
-        slices = _scan(members)
+        with _quiet_pydicom():
+            slices = _scan(members)
         if not slices:
             kind = "ZIP" if archive is not None else "folder"
             raise InputError(f"no DICOM images found in the {kind} {p} ({len(members)} files looked at)")
@@ -461,7 +479,8 @@ def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: s
         for s in chosen:
             _check_pixel_kind(s)
         chosen, geometry = _series_geometry(chosen, str(p))
-        array = _stack_hu(chosen)
+        with _quiet_pydicom():
+            array = _stack_hu(chosen)
     finally:
         if archive is not None:
             archive.close()
