@@ -5,7 +5,8 @@ listens on a free port chosen by the server (``--port 0``) and announces itself 
 ``{"url", "pid"}`` to a ready file; a random token, passed in the environment (never on the
 command line, where other users could read it), keeps other local processes out. It is stopped
 when the module is cleaned up (application exit, module reload) and, as a last resort, at
-interpreter exit; on Linux the child also dies with its parent.
+interpreter exit. The server also watches this process (``--parent-pid``) and exits when it
+ends, and on Linux the kernel signals it when its parent dies.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class LocalBackend:
 
     def command(self) -> list[str]:
         command = [self.python, "-m", "ctsliceinterp.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--ready-file", str(self.ready_file), "--device", self.device]
+                   "--ready-file", str(self.ready_file), "--device", self.device,
+                   "--parent-pid", str(os.getpid())]  # the server exits if Slicer dies
         for model in self.models:
             command += ["--model", str(model)]
         return command + self.extra_args

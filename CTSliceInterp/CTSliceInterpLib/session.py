@@ -100,7 +100,7 @@ class ProcessingSession:
     params: dict
     target: ServerTarget
     expected: Optional[Geometry] = None
-    poll_interval: float = 0.3
+    poll_interval: float = 0.5
     result: Optional[tuple] = None  # (thin Volume, uncertainty Volume or None) once done
     job_id: Optional[str] = None
     _state: str = "created"
@@ -163,13 +163,15 @@ class ProcessingSession:
             if self._cancel.is_set():
                 self._set("cancelled", message="cancelled")
                 return
-            self._set("uploading", 0.0, f"sending the volume to {self.target.description}")
-            self.job_id = client.submit(self.volume, self.params)
+            self.job_id = self._submit(client, client_module)
+            if self.job_id is None:
+                return
             while True:
                 if self._cancel.is_set():
                     self._cancel_job(client)
                     return
-                status = client.status(self.job_id)
+                # The server holds the answer up to poll_interval s until something changes.
+                status = client.status(self.job_id, wait=self.poll_interval)
                 state = status.get("state")
                 if state == "done":
                     break
@@ -180,7 +182,6 @@ class ProcessingSession:
                     return
                 self._set(state if state in ("queued", "running") else "running",
                           status.get("progress") or 0.0, _describe_status(status))
-                time.sleep(self.poll_interval)
             self._set("downloading", 1.0, "downloading the result")
             result = client.result(self.job_id)
             self.result = result
@@ -195,6 +196,18 @@ class ProcessingSession:
             logging.debug("CTSliceInterp session failed", exc_info=True)
             message = describe_error(exc, self.target)
             self._set("failed", message=message, error=message)
+
+    def _submit(self, client, client_module):
+        """Upload and create the job; waits (cancellably) while the server's queue is full."""
+        while True:
+            self._set("uploading", 0.0, f"sending the volume to {self.target.description}")
+            try:
+                return client.submit(self.volume, self.params)
+            except client_module.ServerBusy as busy:
+                self._set("queued", 0.0, f"the server is busy; trying again in {busy.retry_after:.0f} s")
+                if self._cancel.wait(busy.retry_after):
+                    self._set("cancelled", message="cancelled")
+                    return None
 
     def _cancel_job(self, client) -> None:
         self._set(message="cancelling")

@@ -27,12 +27,13 @@ def scene():
     hierarchy_logic.SetMRMLScene(scene)
     color_logic = slicer.vtkMRMLColorLogic()
     color_logic.SetMRMLScene(scene)
-    scene.AddNewNodeByClass("vtkMRMLLayoutNode")
-    for name in ("Red", "Yellow", "Green"):
-        view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-        view.SetLayoutName(name)
+    layout_logic = slicer.vtkMRMLLayoutLogic()  # registers the standard layouts, makes the slice nodes
+    layout_logic.SetMRMLScene(scene)
+    for name in ("Red", "Yellow", "Green"):  # the application's slice logics make these
         composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composite.SetLayoutName(name)
-    scene._keep_alive = (hierarchy_logic, color_logic)
+    scene._keep_alive = (hierarchy_logic, color_logic, layout_logic)
     yield scene
+    for logic in scene._keep_alive:  # detach first: clearing under an observing logic crashes
+        logic.SetMRMLScene(None)
     scene.Clear(True)
