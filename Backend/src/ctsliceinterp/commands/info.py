@@ -42,10 +42,16 @@ def main(args) -> int:
     series = volume.metadata.get("series_description")
     if series:
         summary["series_description"] = series
+    for key in ("series_instance_uid", "transfer_syntax", "dicom_files"):
+        if volume.metadata.get(key):
+            summary[key] = volume.metadata[key]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{args.path}")
+    if volume.metadata.get("source_format") == "dicom":
+        print(f"  DICOM series     {volume.metadata.get('series_instance_uid', '')} '{series or ''}' "
+              f"({volume.metadata.get('dicom_files', '?')} files, transfer syntax {volume.metadata.get('transfer_syntax', '?')})")
     print(f"  size (x, y, z)   {summary['size_xyz'][0]} x {summary['size_xyz'][1]} x {summary['size_xyz'][2]}")
     print(f"  spacing          {g.spacing[0]:.4g} x {g.spacing[1]:.4g} x {g.spacing[2]:.4g} mm")
     print(f"  slice thickness  {volume.slice_thickness:.4g} mm")

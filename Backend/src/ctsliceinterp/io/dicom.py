@@ -569,7 +569,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike) -> list[Path]:
     except ValueError:
         series_number = 1000
     method = volume.metadata.get("method")
-    derivation = "Slice interpolation by CTSliceInterp" + (f" ({method})" if method else "")
+    derivation = f"Slice interpolation by CTSliceInterp ({method})" if method else "Derived by CTSliceInterp"
     if source.get("SeriesInstanceUID"):
         derivation += f" from series {source['SeriesInstanceUID']}"
 
