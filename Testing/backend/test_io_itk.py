@@ -33,6 +33,15 @@ def test_geometry_round_trip(tmp_path, make_volume, suffix, flip_y):
         assert back.slice_thickness == 5.0
 
 
+@pytest.mark.parametrize("suffix, data", [(".mhd", "a.zraw"), (".nhdr", "a.raw.gz")])
+def test_detached_header_formats_name_their_data_file(tmp_path, make_volume, suffix, data):
+    volume = make_volume(direction=oblique_direction(15))
+    back = read_volume(write_volume(volume, tmp_path / f"a{suffix}"))
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.geometry.direction_matrix, volume.geometry.direction_matrix, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"a{suffix}", data])
+
+
 def test_float_hu_are_kept(tmp_path, make_volume):
     volume = make_volume(dtype=np.float32)
     volume = volume.replace(array=volume.array + np.float32(0.25))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError, OutputError
 from ..volume import Volume
-from .atomic import atomic_directory, atomic_file, check_output_path
+from .atomic import atomic_directory, atomic_file, atomic_header_and_data, check_output_path
 from .itk import ITK_SUFFIXES, read_itk, write_itk
 
 
@@ -81,7 +81,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, inputs=()) -> Path:
     suffix = _suffix(out)
     if suffix not in ITK_SUFFIXES:
         raise OutputError(f"unsupported output {out.name}: use .nrrd, .nii, .nii.gz, .mha, or a folder for DICOM")
-    with atomic_file(out) as tmp:
+    writer = atomic_header_and_data if suffix in (".mhd", ".nhdr") else atomic_file
+    with writer(out) as tmp:
         write_itk(volume, str(tmp))
     return out
 

@@ -54,6 +54,24 @@ def atomic_file(target: str | os.PathLike, suffix: str | None = None) -> Iterato
 
 
 @contextlib.contextmanager
+def atomic_header_and_data(target: str | os.PathLike) -> Iterator[Path]:
+    """For formats with a separate data file (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``): yield
+    ``target``'s name inside a temporary folder next to it; on success move the data files into
+    place first and the header last, so the header never points at a missing or partial file."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp / target.name
+        header = tmp / target.name
+        for item in sorted(tmp.iterdir()):
+            if item != header:
+                os.replace(item, target.parent / item.name)
+        os.replace(header, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target``."""
     target = Path(target)
