@@ -73,8 +73,9 @@ def _folder_members(folder: Path, recursive: bool = True) -> list[_Member]:
     paths = folder.rglob("*") if recursive else folder.iterdir()
     members = []
     for p in sorted(paths):
-        if p.is_file() and not p.name.startswith("."):
-            rel = p.relative_to(folder).as_posix()
+        rel = p.relative_to(folder).as_posix()
+        # Hidden files and folders (.DS_Store, a crashed write's .partial folder) are not the series.
+        if p.is_file() and not any(part.startswith(".") for part in PurePosixPath(rel).parts):
             members.append(_Member(rel, lambda p=p: open(p, "rb"), str(p)))
     return members
 
@@ -83,8 +84,8 @@ def _zip_members(archive: zipfile.ZipFile, zip_path: Path) -> list[_Member]:
     members = []
     for info in archive.infolist():
         name = info.filename
-        base = PurePosixPath(name).name
-        if info.is_dir() or name.startswith("__MACOSX/") or base.startswith("."):
+        hidden = any(part.startswith(".") for part in PurePosixPath(name).parts)
+        if info.is_dir() or name.startswith("__MACOSX/") or hidden:
             continue
         # ZipExtFile streams are seekable; pydicom reads headers without inflating the pixels.
         members.append(_Member(name, lambda info=info: archive.open(info), f"{zip_path}:{name}"))
