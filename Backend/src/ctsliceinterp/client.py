@@ -191,6 +191,10 @@ class Client:
             try:
                 try:
                     conn.connect()
+                except ssl.SSLCertVerificationError as exc:
+                    raise ServerUnreachable(
+                        f"the TLS certificate of {self.url} is not trusted: {exc.verify_message} (pass ca_file / the CA bundle)"
+                    ) from None
                 except ssl.SSLError as exc:
                     raise ServerUnreachable(f"TLS handshake with {self.url} failed: {exc.reason or exc}") from None
                 except OSError as exc:
@@ -214,8 +218,6 @@ class Client:
                         raise ServerUnreachable(f"no answer from {self.url} to the upload: {_describe(exc)}") from None
                     last_error = exc
                     continue
-            except ssl.SSLCertVerificationError as exc:
-                raise ServerUnreachable(f"the TLS certificate of {self.url} is not trusted: {exc.verify_message} (pass ca_file)") from None
             finally:
                 conn.close()
         raise ServerUnreachable(

@@ -89,6 +89,11 @@ def main(args) -> int:
                     with atomic_file(args.ready_file) as tmp:
                         tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}), encoding="utf-8")
 
+        async def shutdown(self, sockets=None):
+            # Here, not after run(): uvicorn re-raises SIGTERM/SIGINT once run() ends.
+            _remove(args.ready_file)
+            await super().shutdown(sockets=sockets)
+
     server = Server(uv_config)
     if args.parent_pid:
         def watch_parent() -> None:
@@ -102,12 +107,18 @@ def main(args) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if args.ready_file:
-            try:
-                os.unlink(args.ready_file)
-            except OSError:
-                pass
+        _remove(args.ready_file)
     return 0 if server.started else 1
+
+
+def _remove(path) -> None:
+    import os
+
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:

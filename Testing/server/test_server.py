@@ -1,0 +1,403 @@
+"""The server and client against a real uvicorn server on 127.0.0.1.
+
+Covers: round trips with geometry intact (oblique, reference target, gzip and raw), auth,
+oversized / malformed / truncated uploads, ids, cancel of a running job, a full queue, a client
+vanishing mid-upload, results deleted after download or TTL, a server restart, TLS."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, oblique_direction
+from ctsliceinterp.client import (
+    AuthenticationFailed,
+    Client,
+    InputRejected,
+    JobCancelled,
+    JobNotFound,
+    ServerBusy,
+    ServerUnreachable,
+    interpolate_remote,
+)
+from ctsliceinterp.errors import Cancelled
+from ctsliceinterp.nrrd_bytes import geometry_to_dict, volume_to_nrrd_bytes
+from ctsliceinterp.run import InterpolationRequest, interpolate
+from ctsliceinterp.volume import Geometry
+from live_server import TOKEN, shared_server, start_server  # noqa: F401 - fixtures
+
+NRRD = {"Content-Type": "application/x-nrrd"}
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except OSError:
+        pass
+    return reply
+
+
+def assert_same_volume(got, expected):
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.array, expected.array, rtol=1e-5, atol=1e-3)
+    nz, ny, nx = got.shape
+    probe = np.array([[0, 0, 0], [nx - 1, ny - 1, nz - 1], [nx - 1, 0, nz // 2]], dtype=float)
+    np.testing.assert_allclose(got.geometry.index_to_physical(probe), expected.geometry.index_to_physical(probe), atol=1e-6)
+
+
+# --- round trips ----------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip_oblique_matches_in_process(shared_server, make_volume, compress):
+    thick = make_volume(shape=(7, 20, 16), direction=oblique_direction(30, flip_y=True))
+    thick = thick.replace(slice_thickness=5.0, dicom={"PatientName": "DOE^JANE", "PatientID": "123"})
+    client = Client(shared_server.url, compress=compress)
+    events = []
+    thin, uncertainty = client.run(thick, {"method": "lanczos", "spacing": 1.25}, progress=events.append, poll_interval=0.2)
+    expected = interpolate(thick, InterpolationRequest(method="lanczos", spacing=1.25)).volume
+    assert_same_volume(thin, expected)
+    assert uncertainty is None
+    assert thin.metadata == {"method": "lanczos"}  # nothing but geometry and the method came back
+    assert thin.array.flags.writeable
+    assert events and events[-1].fraction == 1.0
+    # Downloaded results are deleted on the server (right after the last byte is sent).
+    wait_for(lambda: shared_server.manager.counts()["held"] == 0, timeout=2)
+
+
+def test_reference_target_round_trip_and_cli_path(shared_server, make_volume, tmp_path):
+    thick = make_volume(shape=(6, 12, 10), spacing=(0.7, 0.7, 5.0), direction=oblique_direction(20))
+    reference = thick.geometry.with_slices(float(thick.geometry.slice_positions()[0]) + 2.5, 18, 1.25)
+    request = InterpolationRequest(method="linear", target=reference)
+    result = interpolate_remote(shared_server.url, thick.replace(dicom={"PatientName": "X"}), request)
+    expected = interpolate(thick, request).volume
+    assert_same_volume(result.volume, expected)
+    np.testing.assert_allclose(result.volume.geometry.slice_positions(), reference.slice_positions(), atol=1e-9)
+    assert result.volume.metadata["dicom"] == {"PatientName": "X"}  # put back locally, never sent
+    assert result.method == "linear"
+
+    # The command line: `interpolate --server URL --token-file F` writes the same volume.
+    sitk = pytest.importorskip("SimpleITK")
+    from ctsliceinterp.cli import main
+    from ctsliceinterp.io import read_volume, write_volume
+
+    source, out = tmp_path / "thick.nrrd", tmp_path / "thin.nrrd"
+    write_volume(thick, str(source))
+    token_file = tmp_path / "token"
+    token_file.write_text("unused-on-a-token-less-server\n")
+    assert main(["interpolate", str(source), "-o", str(out), "--server", shared_server.url, "--token-file", str(token_file), "--no-progress"]) == 0
+    assert_same_volume(read_volume(str(out)), interpolate(read_volume(str(source)), InterpolationRequest()).volume)
+    del sitk
+
+
+def test_multipart_upload_like_curl(shared_server, make_volume):
+    thick = make_volume(shape=(4, 8, 8))
+    files = {"volume": ("thick.nrrd", volume_to_nrrd_bytes(thick), "application/x-nrrd"), "params": (None, json.dumps({"method": "linear", "spacing": 2.5}))}
+    response = httpx.post(f"{shared_server.url}/v1/jobs", files=files)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    client = Client(shared_server.url)
+    wait_for(lambda: client.status(job_id)["state"] == "done")
+    thin, _ = client.result(job_id)
+    assert thin.shape[0] == 7
+    assert_same_volume(thin, interpolate(thick, InterpolationRequest(method="linear", spacing=2.5)).volume)
+
+
+def test_models_and_health(shared_server):
+    client = Client(shared_server.url)
+    names = {m["name"]: m for m in client.models()}
+    assert {"linear", "bspline", "lanczos"} <= set(names)
+    assert all({"name", "description", "default_steps", "device", "kind"} <= set(m) for m in names.values())
+    health = client.health()
+    assert health["status"] == "ok" and health["queue"]["capacity"] > 0
+    # Diffusion without a configured model is refused up front, with the reason.
+    with pytest.raises(InputRejected, match="diffusion|model"):
+        client.submit(_small(), {"method": "diffusion"})
+
+
+def _small():
+    from ctsliceinterp.volume import Volume
+
+    return Volume.from_array(np.zeros((3, 4, 4), np.int16), (1.0, 1.0, 5.0))
+
+
+# --- auth -----------------------------------------------------------------------------------
+def test_token_required_and_compared(start_server, tmp_path):
+    server = start_server(token=TOKEN)
+    volume = _small()
+    with pytest.raises(AuthenticationFailed):
+        Client(server.url).submit(volume, {})
+    with pytest.raises(AuthenticationFailed):
+        Client(server.url, token=TOKEN[:-1] + "x").models()
+    response = httpx.post(f"{server.url}/v1/jobs", content=b"x" * 1000, headers={**NRRD, "Authorization": "Basic abc"})
+    assert response.status_code == 401 and "token" in response.json()["error"]
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/v1/health").status_code == 200  # probes need no token
+    thin, _ = Client(server.url, token=TOKEN).run(volume, {"spacing": 1.0}, poll_interval=0.1)
+    assert thin.shape[0] == 11
+
+
+def test_public_bind_without_token_refuses_to_start(capsys, monkeypatch):
+    from ctsliceinterp.cli import main
+    from ctsliceinterp.server.auth import check_bind_allowed, token_matches
+
+    monkeypatch.delenv("CTSLICEINTERP_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "without a token" in capsys.readouterr().err
+    check_bind_allowed("127.0.0.1", None)
+    check_bind_allowed("::1", None)
+    with pytest.raises(Exception, match="too short"):
+        check_bind_allowed("0.0.0.0", "short")
+    assert token_matches(TOKEN, f"Bearer {TOKEN}") and not token_matches(TOKEN, f"bearer {TOKEN}x") and not token_matches(TOKEN, None)
+
+
+# --- bad uploads and ids --------------------------------------------------------------------
+def test_oversized_upload_is_refused_while_streaming(shared_server, make_volume):
+    limit = shared_server.config.max_upload_bytes
+    # Declared too large: refused before a byte of the body is read.
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-nrrd\r\nContent-Length: {limit + 1}\r\n\r\n".encode())
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit" in reply
+    # Chunked (no length): cut off as soon as it passes the limit; the server answers early.
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-nrrd\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"\0" * 65536
+        sent = 0
+        try:
+            while sent < 4 * limit:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:
+            pass  # the server closed the connection after answering
+        reply = read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit" in reply
+    assert sent < 4 * limit
+    # The client explains it too.
+    big = make_volume(shape=(40, 200, 200), dtype=np.float32)
+    with pytest.raises(InputRejected, match="limit") as info:
+        Client(shared_server.url, compress=False).submit(big, {})
+    assert info.value.status == 413
+    assert httpx.get(f"{shared_server.url}/v1/health").json()["queue"]["queued"] == 0
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, words",
+    [
+        (b"garbage", NRRD, 400, "NRRD"),
+        (b"NRRD0004\ntype: short\ndimension: 2\nsizes: 2 2\nencoding: raw\n\n" + bytes(8), NRRD, 400, "dimension"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": "{not json"}, 400, "JSON"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"method": "magic"}'}, 400, "unknown method"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"colour": 1}'}, 400, "colour"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"spacing": -1}'}, 400, "spacing"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"spacing": 10}'}, 400, "nothing to interpolate"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"samples": 1000}'}, 400, "samples"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"target": {"shape": [3, 9, 9], "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1,0,0,0,1,0,0,0,1]}}'}, 400, "in-plane grid"),
+        (None, {"Content-Type": "text/plain"}, 415, "Content-Type"),
+    ],
+)
+def test_malformed_uploads_get_a_4xx_naming_the_problem(shared_server, body, headers, status, words):
+    body = volume_to_nrrd_bytes(_small()) if body is None else body
+    response = httpx.post(f"{shared_server.url}/v1/jobs", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_ids_unguessable_and_path_like_ids_refused(shared_server):
+    client = Client(shared_server.url)
+    ids = {client.submit(_small(), {"method": "linear"}) for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) >= 32 for i in ids)
+    for path in ["/v1/jobs/..%2F..%2Fetc%2Fpasswd", "/v1/jobs/../../etc/passwd", "/v1/jobs/%2e%2e", "/v1/jobs/short"]:
+        response = httpx.get(shared_server.url + path)
+        assert response.status_code in (400, 404) and "error" in response.json()
+    response = httpx.get(f"{shared_server.url}/v1/jobs/{'A' * 32}")
+    assert response.status_code == 404 and "no such job" in response.json()["error"]
+    for job_id in ids:
+        client.cancel(job_id)
+
+
+def test_client_disconnecting_mid_upload_leaves_the_server_healthy(shared_server, make_volume):
+    body = volume_to_nrrd_bytes(make_volume(shape=(6, 64, 64)), gzip=False)
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", shared_server.port), timeout=5)
+        sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-nrrd\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        sock.sendall(body[: len(body) // 3])
+        sock.close()
+    time.sleep(0.3)
+    health = Client(shared_server.url).health()
+    assert health["status"] == "ok" and health["queue"]["queued"] == 0 and health["queue"]["running"] == 0
+    thin, _ = Client(shared_server.url).run(_small(), {"spacing": 2.5}, poll_interval=0.1)
+    assert thin.shape[0] == 5
+
+
+# --- jobs: cancel, queue, retention ---------------------------------------------------------
+def test_cancel_reaches_a_running_job_within_one_step(start_server, make_volume):
+    step = 0.4  # the server sleeps this long at every progress step (8 steps per job)
+    server = start_server(step_delay_seconds=step)
+    client = Client(server.url)
+    job_id = client.submit(make_volume(shape=(6, 32, 32)), {"method": "lanczos"})
+    wait_for(lambda: client.status(job_id)["done"] >= 1)
+    assert client.status(job_id)["state"] == "running"
+    start = time.monotonic()
+    client.cancel(job_id)
+    assert client.status(job_id)["state"] == "cancelled"
+    wait_for(lambda: server.manager.counts()["running"] == 0, timeout=5 * step)
+    assert time.monotonic() - start < 2 * step  # the whole job would take 8 steps
+    # Client.run with a cancel event: the server job is cancelled and JobCancelled raised.
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    with pytest.raises(JobCancelled) as info:
+        client.run(make_volume(shape=(6, 32, 32)), {"method": "lanczos"}, cancel=cancel, poll_interval=0.1)
+    assert isinstance(info.value, Cancelled)
+    wait_for(lambda: server.manager.counts()["running"] == 0, timeout=5 * step)
+
+
+def test_full_queue_answers_503_with_retry_after(start_server, make_volume):
+    server = start_server(step_delay_seconds=0.3, queue_size=1)
+    client = Client(server.url)
+    running = client.submit(make_volume(shape=(6, 16, 16)), {})
+    wait_for(lambda: client.status(running)["state"] == "running")
+    queued = client.submit(make_volume(shape=(6, 16, 16)), {})
+    status = client.status(queued)
+    assert status["state"] == "queued" and status["queue_position"] == 1
+    response = httpx.post(f"{server.url}/v1/jobs", content=volume_to_nrrd_bytes(_small()), headers=NRRD)
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    with pytest.raises(ServerBusy) as info:
+        client.submit(_small(), {})
+    assert info.value.retry_after >= 1
+    client.cancel(queued)
+    client.cancel(running)
+
+
+def test_results_deleted_after_download_or_ttl(start_server):
+    server = start_server(result_ttl_seconds=0.5)
+    client = Client(server.url)
+    job_id = client.submit(_small(), {"spacing": 2.5})
+    wait_for(lambda: client.status(job_id)["state"] == "done")
+    client.result(job_id)
+    with pytest.raises(JobNotFound):
+        client.result(job_id)
+    expired = client.submit(_small(), {"spacing": 2.5})
+    wait_for(lambda: client.status(expired)["state"] == "done")
+    time.sleep(0.7)
+    with pytest.raises(JobNotFound):
+        client.status(expired)
+    assert server.manager.counts()["held"] == 0
+
+
+# --- restarts and TLS -------------------------------------------------------------------------
+def serve_process(tmp_path, port: int, name: str):
+    ready = tmp_path / f"{name}.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ctsliceinterp.cli", "serve", "--port", str(port), "--ready-file", str(ready), "--log-level", "warning"],
+        cwd=REPO_ROOT, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT / "Backend" / "src")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        info = wait_for(lambda: process.poll() is not None or (ready.exists() and json.loads(ready.read_text())), timeout=30, interval=0.1)
+        assert isinstance(info, dict)
+    except AssertionError:
+        process.kill()
+        raise AssertionError(f"serve did not start: {process.communicate()[1].decode()[-500:]}") from None
+    assert info["pid"] == process.pid
+    return process, info["url"]
+
+
+def test_server_restart_gives_a_clear_error_not_a_hang(tmp_path):
+    first, url = serve_process(tmp_path, 0, "first")
+    try:
+        client = Client(url, retries=2, backoff=0.1, timeout=5)
+        job_id = client.submit(_small(), {"spacing": 2.5})
+    finally:
+        first.terminate()
+        first.wait(15)
+    assert not (tmp_path / "first.json").exists()  # the ready file goes with the server
+    start = time.monotonic()
+    with pytest.raises(ServerUnreachable, match="connection refused"):
+        client.status(job_id)
+    assert time.monotonic() - start < 3
+    port = int(url.rsplit(":", 1)[1])
+    second, _ = serve_process(tmp_path, port, "second")
+    try:
+        with pytest.raises(JobNotFound, match="restarted"):
+            client.result(job_id)
+    finally:
+        second.terminate()
+        second.wait(15)
+
+
+def _self_signed_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        from cryptography import x509  # noqa: F401
+    except ImportError:
+        import shutil
+
+        if not shutil.which("openssl"):
+            pytest.skip("neither the cryptography package nor the openssl command is available")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=60,
+        )
+        return cert, key
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert, key
+
+
+def test_tls_round_trip_and_untrusted_certificate(start_server, tmp_path, make_volume):
+    cert, key = _self_signed_certificate(tmp_path)
+    server = start_server(ssl_certfile=str(cert), ssl_keyfile=str(key), token=TOKEN)
+    assert server.url.startswith("https://")
+    thick = make_volume(shape=(4, 10, 10), direction=oblique_direction(10))
+    thin, _ = Client(server.url, token=TOKEN, ca_file=str(cert)).run(thick, {"spacing": 2.5}, poll_interval=0.1)
+    assert_same_volume(thin, interpolate(thick, InterpolationRequest(spacing=2.5)).volume)
+    with pytest.raises(ServerUnreachable, match="certificate"):
+        Client(server.url, token=TOKEN, retries=0).health()
+    with pytest.raises(ServerUnreachable):  # plain HTTP to a TLS port: an error, not a hang
+        Client(server.url.replace("https", "http"), retries=0, timeout=3).health()
+
+
+def test_geometry_dict_accepts_geometry_objects(shared_server, make_volume):
+    thick = make_volume(shape=(4, 8, 8))
+    target = Geometry((5, 8, 8), thick.spacing[:2] + (2.5,), thick.origin, thick.direction)
+    thin, _ = Client(shared_server.url).run(thick, {"method": "linear", "target": target}, poll_interval=0.1)
+    assert thin.geometry.shape == (5, 8, 8)
+    assert geometry_to_dict(thin.geometry)["shape"] == [5, 8, 8]
