@@ -222,3 +222,37 @@ def _stop_all_backends() -> None:
             backend.stop(timeout=2.0)
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
+
+
+MODELS_ENVIRONMENT_VARIABLE = "CTSLICEINTERP_MODELS"
+
+
+def local_model_specs() -> list[str]:
+    """Models the local backend serves: those shipped in the bundled package
+    (``ctsliceinterp/models/weights/<name>/model.json``) and the checkpoint folders listed in
+    ``$CTSLICEINTERP_MODELS`` (separated by the OS path separator). Found without importing torch."""
+    specs = []
+    source = backend_source_dir()
+    weights = None if source is None else source / "ctsliceinterp" / "models" / "weights"
+    if weights is not None and weights.is_dir():
+        specs += [str(folder) for folder in sorted(weights.iterdir()) if (folder / "model.json").is_file()]
+    for folder in os.environ.get(MODELS_ENVIRONMENT_VARIABLE, "").split(os.pathsep):
+        if folder.strip() and (Path(folder.strip()).expanduser() / "model.json").is_file():
+            specs.append(str(Path(folder.strip()).expanduser()))
+    return specs
+
+
+_SHARED: LocalBackend | None = None
+
+
+def shared_local_backend() -> LocalBackend:
+    """The one warm local backend of this Slicer session (GUI and console share it)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = LocalBackend(models=local_model_specs())
+    return _SHARED
+
+
+def stop_shared_local_backend() -> None:
+    if _SHARED is not None:
+        _SHARED.stop()

@@ -18,7 +18,7 @@ ensure_backend_importable()
 from ctsliceinterp.errors import CTSliceInterpError, InputError  # noqa: E402
 
 from . import layout, nodes  # noqa: E402
-from .local_backend import LocalBackend  # noqa: E402
+from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
 from .session import ProcessingSession, ServerTarget, SessionStatus  # noqa: E402
 
 DEFAULT_METHOD = "bspline"
@@ -77,7 +77,7 @@ def job_parameters(method: str, spacing: float, steps=None, samples: int = 1, co
 class InterpolationLogic:
     """Runs interpolations for Slicer volume nodes through the backend server (local or remote)."""
 
-    def __init__(self, scene=None, local_backend_factory: Callable[[], LocalBackend] = LocalBackend):
+    def __init__(self, scene=None, local_backend_factory: Callable[[], LocalBackend] = shared_local_backend):
         self._scene = scene
         self._local_backend_factory = local_backend_factory
         self.localBackend: Optional[LocalBackend] = None

@@ -132,3 +132,26 @@ def check_layout(scene, input_node, output_node) -> None:
     assert left.GetBackgroundVolumeID() == input_node.GetID(), "the input is not in the left view"
     assert right.GetBackgroundVolumeID() == output_node.GetID(), "the output is not in the right view"
     assert left.GetLinkedControl() and right.GetLinkedControl(), "the slice views are not linked"
+
+
+def make_untrained_tiny_model(folder):
+    """Write an *untrained* model of the ``tiny`` config to ``folder``; return ``(folder, None)``
+    or ``(None, reason)`` when this build has no diffusion model code. It exercises the diffusion
+    path, the server and the geometry end to end; it says nothing about image quality."""
+    try:
+        import torch
+
+        from ctsliceinterp.checkpoint import save_checkpoint
+        from ctsliceinterp.models.configs import get_config
+        from ctsliceinterp.models.unet import UNet3D
+        from ctsliceinterp.models.vae import SliceVAE
+    except ImportError as exc:
+        return None, f"the diffusion model code is not available: {exc}"
+    config = get_config("tiny")
+    torch.manual_seed(0)
+    try:
+        save_checkpoint(folder, SliceVAE(config.vae), UNet3D(config.unet), config, latent_scale=1.0,
+                        metadata={"note": "untrained, for tests only"})
+    except TypeError as exc:  # model constructors changed
+        return None, f"cannot build the tiny model with this code: {exc}"
+    return folder, None
