@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as exc:
         print(f"ctsliceinterp: cancelled: {exc}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: not an error of ours.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("ctsliceinterp: interrupted", file=sys.stderr)
         return 130
