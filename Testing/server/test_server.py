@@ -401,3 +401,28 @@ def test_geometry_dict_accepts_geometry_objects(shared_server, make_volume):
     thin, _ = Client(shared_server.url).run(thick, {"method": "linear", "target": target}, poll_interval=0.1)
     assert thin.geometry.shape == (5, 8, 8)
     assert geometry_to_dict(thin.geometry)["shape"] == [5, 8, 8]
+
+
+# --- fuzzing the endpoint (a short run; benchmarks/bench_server.py runs a longer one) ----------
+def test_fuzzed_posts_never_crash_the_server(shared_server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    valid = volume_to_nrrd_bytes(_small(), gzip=False)
+    params = st.dictionaries(
+        st.sampled_from(["method", "spacing", "target", "samples", "seed", "steps", "nope"]),
+        st.one_of(st.none(), st.booleans(), st.integers(-3, 10**9), st.floats(), st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=9)),
+        max_size=4,
+    )
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=200), st.builds(lambda n, junk: valid[:n] + junk, st.integers(0, len(valid)), st.binary(max_size=40))), params)
+    def post(body, fields):
+        response = httpx.post(f"{shared_server.url}/v1/jobs", content=body, headers={**NRRD, "X-CTSliceInterp-Params": json.dumps(fields)})
+        assert response.status_code in (202, 400, 413), response.text
+        assert "id" in response.json() if response.status_code == 202 else response.json()["error"]
+        if response.status_code == 202:
+            httpx.delete(f"{shared_server.url}/v1/jobs/{response.json()['id']}")
+
+    post()
+    assert Client(shared_server.url).health()["status"] == "ok"
