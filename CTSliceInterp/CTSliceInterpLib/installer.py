@@ -28,8 +28,10 @@ from .backend_path import backend_project_dir
 
 EXTRAS = ("server",)
 TORCH_REQUIREMENT_NAME = "torch"
-# Provided by Slicer itself or by another extension: checked by import, never pip-installed.
+# Provided by Slicer itself or by the PyTorch extension: never pip-installed (import names).
 PROVIDED_BY_SLICER = {"torch": "torch", "simpleitk": "SimpleITK"}
+# Built into Slicer, possibly without pip metadata: checked by import only.
+CHECKED_BY_IMPORT = {"simpleitk": "SimpleITK"}
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -66,10 +68,10 @@ def backend_requirements(project_dir: Path | None = None, extras=EXTRAS) -> list
 
 
 def is_satisfied(requirement: str) -> bool:
-    """Installed in a version the requirement accepts (by import for Slicer-provided packages)."""
+    """Installed in a version the requirement accepts (SimpleITK: importable)."""
     name = requirement_name(requirement)
-    if name in PROVIDED_BY_SLICER:
-        return importlib.util.find_spec(PROVIDED_BY_SLICER[name]) is not None
+    if name in CHECKED_BY_IMPORT:
+        return importlib.util.find_spec(CHECKED_BY_IMPORT[name]) is not None
     try:
         installed = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

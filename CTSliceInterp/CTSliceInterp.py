@@ -1,0 +1,492 @@
+"""CTSliceInterp: thick-slice CT to thin-slice CT (latent diffusion or B-spline) in 3D Slicer.
+
+This file is thin on purpose: Qt lives here (the widget), everything else lives in the Qt-free
+``CTSliceInterpLib`` package, which pytest exercises on the ``slicer-core`` wheel. Python console:
+
+    from CTSliceInterp import CTSliceInterpLogic
+    thin = CTSliceInterpLogic().process(getNode("CT"), spacing=1.0, method="bspline")
+"""
+
+import concurrent.futures
+import json
+import logging
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import vtkMRMLScalarVolumeNode
+
+from CTSliceInterpLib import installer, layout, testing
+from CTSliceInterpLib.local_backend import LocalBackend, stop_shared_local_backend
+from CTSliceInterpLib.logic import DEFAULT_METHOD, InterpolationLogic, ProcessingError
+
+SETTINGS_HISTORY = "CTSliceInterp/ServerHistory"
+SETTINGS_TOKENS = "CTSliceInterp/ServerTokens"  # JSON {url: token}, in Slicer's settings only
+HISTORY_LENGTH = 10
+
+
+#
+# CTSliceInterp
+#
+class CTSliceInterp(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CT Slice Interpolation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Filtering")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CTSliceInterp contributors"]
+        self.parent.helpText = _(
+            "Turns a thick-slice CT (e.g. 5 mm) into a thin-slice CT (e.g. 1 mm) with latent diffusion "
+            "or B-spline interpolation, locally (CPU/GPU) or on a remote server. The result is a new volume "
+            "with exact geometry, shown side by side with the input in linked views. "
+            "Research software, not for diagnosis. "
+            '<a href="https://github.com/ctsliceinterp/CTSliceInterp/blob/main/docs/slicer.md">Documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "Built on 3D Slicer, PyTorch, diffusers, FastAPI and SimpleITK. Diffusion models are trained on "
+            "public paired thick/thin CT (see the model cards)."
+        )
+
+
+#
+# Parameters
+#
+@parameterNodeWrapper
+class CTSliceInterpParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    spacing: Annotated[float, WithinRange(0.1, 10.0)] = 1.0
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    samples: Annotated[int, WithinRange(1, 16)] = 1
+    consistency: bool = True
+    showUncertainty: bool = True
+    # Not bound to widgets (the widget handles them): the method's value behind its label, the
+    # processing place. The token is never stored here (it would be saved with the scene).
+    method: str = DEFAULT_METHOD
+    remote: bool = False
+    serverUrl: str = ""
+
+
+#
+# CTSliceInterpWidget
+#
+class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._methodsFuture = None
+        self._executor = None
+        self._lastMessage = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTSliceInterp.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = CTSliceInterpLogic()
+        # Model lists and connection checks are HTTP: one worker thread, polled by the timer.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="CTSliceInterp")
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.refreshMethodsButton.connect("clicked(bool)", self.refreshMethods)
+        self.ui.checkServerButton.connect("clicked(bool)", self.refreshMethods)
+        self.ui.localRadioButton.connect("toggled(bool)", self.onProcessingPlaceChanged)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
+        self.ui.serverComboBox.connect("currentTextChanged(QString)", self.onServerChanged)
+        self.ui.tokenLineEdit.connect("editingFinished()", self.saveToken)
+        slicer.app.connect("aboutToQuit()", self.cleanup)
+
+        self._setMethods([(_("B-spline (classical)"), DEFAULT_METHOD)])
+        self.ui.serverComboBox.addItems(self._serverHistory())
+        self.ui.progressBar.setVisible(False)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Application exit or module reload: cancel, stop the local backend, stop polling."""
+        self.removeObservers()
+        if getattr(self, "_timer", None) is not None:
+            self._timer.stop()
+        if self._run is not None:
+            self._run.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        stop_shared_local_backend()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode: Optional[CTSliceInterpParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a "SlicerParameterName" dynamic property in the .ui are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            wasBlocked = self.ui.remoteRadioButton.blockSignals(True)
+            self.ui.remoteRadioButton.checked = self._parameterNode.remote
+            self.ui.localRadioButton.checked = not self._parameterNode.remote
+            self.ui.remoteRadioButton.blockSignals(wasBlocked)
+            if self._parameterNode.serverUrl:
+                self.ui.serverComboBox.currentText = self._parameterNode.serverUrl
+            self._updateButtons()
+
+    # --- state of the controls ----------------------------------------------------------------
+    def _updateButtons(self, caller=None, event=None) -> None:
+        remote = self.ui.remoteRadioButton.checked
+        self.ui.remoteSettingsWidget.setVisible(remote)
+        diffusion = self._currentMethod() != DEFAULT_METHOD
+        for widget in (self.ui.stepsSpinBox, self.ui.samplesSpinBox, self.ui.consistencyCheckBox,
+                       self.ui.showUncertaintyCheckBox):
+            widget.enabled = diffusion and self._run is None
+        if self._run is not None:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the interpolation; nothing is created and the input is kept.")
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = _("Interpolate")
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume)
+        if remote and not self.ui.serverComboBox.currentText.strip():
+            ready = False
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = (_("Start the interpolation.") if ready
+                                       else _("Select an input volume (and a server URL for remote processing)."))
+
+    def _currentMethod(self) -> str:
+        value = self.ui.methodComboBox.currentData
+        return value if value else DEFAULT_METHOD
+
+    def _setMethods(self, methods) -> None:
+        current = self._parameterNode.method if self._parameterNode else DEFAULT_METHOD
+        wasBlocked = self.ui.methodComboBox.blockSignals(True)
+        self.ui.methodComboBox.clear()
+        for label, value in methods:
+            self.ui.methodComboBox.addItem(label, value)
+        index = self.ui.methodComboBox.findData(current)
+        self.ui.methodComboBox.setCurrentIndex(max(0, index))
+        self.ui.methodComboBox.blockSignals(wasBlocked)
+        self._updateButtons()
+
+    def onMethodChanged(self, index) -> None:
+        if self._parameterNode:
+            self._parameterNode.method = self._currentMethod()
+        self._updateButtons()
+
+    def onProcessingPlaceChanged(self, local) -> None:
+        if self._parameterNode:
+            self._parameterNode.remote = not local
+        self._setMethods([(_("B-spline (classical)"), DEFAULT_METHOD)])
+        self._updateButtons()
+        if not local and self.ui.serverComboBox.currentText.strip():
+            self.refreshMethods()
+
+    def onServerChanged(self, text) -> None:
+        if self._parameterNode:
+            self._parameterNode.serverUrl = text.strip()
+        self.ui.tokenLineEdit.text = self._tokens().get(text.strip(), "")
+        self._updateButtons()
+
+    # --- settings (server history and tokens: never in the scene) ------------------------------
+    def _serverHistory(self):
+        history = slicer.app.settings().value(SETTINGS_HISTORY) or []
+        return [history] if isinstance(history, str) else list(history)
+
+    def _rememberServer(self, url) -> None:
+        history = [url] + [u for u in self._serverHistory() if u != url]
+        slicer.app.settings().setValue(SETTINGS_HISTORY, history[:HISTORY_LENGTH])
+
+    def _tokens(self) -> dict:
+        try:
+            return json.loads(slicer.app.settings().value(SETTINGS_TOKENS) or "{}")
+        except ValueError:
+            return {}
+
+    def saveToken(self) -> None:
+        url = self.ui.serverComboBox.currentText.strip()
+        if url:
+            tokens = self._tokens()
+            tokens[url] = self.ui.tokenLineEdit.text.strip()
+            slicer.app.settings().setValue(SETTINGS_TOKENS, json.dumps(tokens))
+
+    def _server(self):
+        if not self.ui.remoteRadioButton.checked:
+            return None, None
+        return self.ui.serverComboBox.currentText.strip(), self.ui.tokenLineEdit.text.strip() or None
+
+    # --- messages ------------------------------------------------------------------------------
+    def _log(self, text: str, error: bool = False) -> None:
+        self.ui.statusLabel.text = text.splitlines()[0] if text else ""
+        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else "")
+        if text and text != self._lastMessage:
+            stamp = qt.QTime.currentTime().toString("HH:mm:ss")
+            self.ui.logTextEdit.appendPlainText(f"{stamp}  {text}")
+            self._lastMessage = text
+        (logging.error if error else logging.info)("CTSliceInterp: %s", text)
+
+    # --- local backend installation --------------------------------------------------------------
+    def _ensureLocalBackendInstalled(self) -> bool:
+        plan = installer.plan_install()
+        if plan.empty:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle=_("Install the local backend")):
+            self._log(_("Local processing needs the backend packages; installation was declined. "
+                        "Use Remote processing, or click Interpolate again to install."), error=True)
+            return False
+        self._log(_("Installing the local backend packages (this can take several minutes)..."))
+        try:
+            with slicer.util.WaitCursor():
+                installer.install(plan)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._log(_("Installing the local backend failed: {error}").format(error=exc), error=True)
+            return False
+        self._log(_("Local backend installed."))
+        return True
+
+    # --- methods menu (server's models) ----------------------------------------------------------
+    def refreshMethods(self) -> None:
+        if self._methodsFuture is not None:
+            return
+        server, token = self._server()
+        if server is None and not installer.plan_install().empty:
+            self._log(_("Diffusion models appear here once the local backend is installed (on first Interpolate)."))
+            return
+        if server:
+            self.saveToken()
+            self._log(_("Contacting {server}...").format(server=server))
+        else:
+            self._log(_("Starting the local backend and listing its models..."))
+        self._methodsFuture = self._executor.submit(self.logic.availableMethods, server, token)
+        self._timer.start()
+
+    def _checkMethodsFuture(self) -> None:
+        future, self._methodsFuture = self._methodsFuture, None
+        try:
+            methods = future.result()
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            from CTSliceInterpLib.session import describe_error
+
+            server, token = self._server()
+            message = describe_error(exc, self.logic.serverTarget(server, token))
+            self._log(_("Could not list the models: {error}").format(error=message), error=True)
+            return
+        self._setMethods(methods)
+        server, _token = self._server()
+        if server:
+            self._rememberServer(server)
+        count = len(methods) - 1
+        self._log(_("{count} diffusion model(s) available.").format(count=count))
+
+    # --- run -------------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.applyButton.enabled = False
+            self._log(_("Cancelling..."))
+            return
+        server, token = self._server()
+        if server is None and not self._ensureLocalBackendInstalled():
+            return
+        p = self._parameterNode
+        try:
+            self._run = self.logic.start(
+                p.inputVolume, p.outputVolume, spacing=p.spacing, method=self._currentMethod(),
+                steps=p.steps or None, samples=p.samples, consistency=p.consistency, server=server, token=token,
+                showUncertainty=p.showUncertainty,
+            )
+        except Exception as exc:  # noqa: BLE001 - bad input: a clear message, nothing created
+            self._log(str(exc), error=True)
+            return
+        if server:
+            self.saveToken()
+            self._rememberServer(server)
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        self._log(_("Started: {input} to {spacing:g} mm").format(input=p.inputVolume.GetName(), spacing=p.spacing))
+        self._updateButtons()
+        self._timer.start()
+
+    def _onTimer(self) -> None:
+        if self._methodsFuture is not None and self._methodsFuture.done():
+            self._checkMethodsFuture()
+        if self._run is not None:
+            status = self._run.poll()
+            self.ui.progressBar.value = int(100 * status.progress)
+            if not status.finished:
+                self._log(status.message)
+            else:
+                self._finishRun()
+        if self._run is None and self._methodsFuture is None:
+            self._timer.stop()
+
+    def _finishRun(self) -> None:
+        run, self._run = self._run, None
+        self.ui.progressBar.setVisible(False)
+        try:
+            output = self.logic.finish(run)
+        except ProcessingError as exc:
+            self._log(str(exc), error=run.poll().state == "failed")
+        except Exception as exc:  # noqa: BLE001 - e.g. a result on the wrong grid
+            self._log(_("The result could not be used: {error}").format(error=exc), error=True)
+        else:
+            slicer.util.resetSliceViews()
+            self._log(_("Done: {output} ({seconds:.1f} s)").format(output=output.GetName(),
+                                                                  seconds=run.poll().elapsed))
+        self._updateButtons()
+
+
+#
+# CTSliceInterpLogic
+#
+class CTSliceInterpLogic(ScriptedLoadableModuleLogic, InterpolationLogic):
+    """Console/scripting API; see ``InterpolationLogic.process`` for the arguments.
+
+    The logic is in ``CTSliceInterpLib.logic.InterpolationLogic`` (Qt-free, tested with pytest on
+    slicer-core); this class adds Slicer's parameter node and keeps the GUI painting while a
+    blocking ``process`` waits."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        InterpolationLogic.__init__(self)
+
+    def getParameterNode(self):
+        return CTSliceInterpParameterNode(super().getParameterNode())
+
+    def process(self, inputVolume, outputVolume=None, spacing=1.0, method=DEFAULT_METHOD, steps=None, samples=1,
+                consistency=True, server=None, token=None, blocking=True, progressCallback=None, **kwargs):
+        def keepPainting(status):
+            if progressCallback is not None:
+                progressCallback(status)
+            slicer.app.processEvents()
+
+        return InterpolationLogic.process(
+            self, inputVolume, outputVolume, spacing=spacing, method=method, steps=steps, samples=samples,
+            consistency=consistency, server=server, token=token, blocking=blocking,
+            progressCallback=keepPainting if blocking else progressCallback, **kwargs)
+
+
+#
+# CTSliceInterpTest
+#
+class CTSliceInterpTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (``slicer_add_python_unittest``). The checks are the Lib's
+    ``CTSliceInterpLib.testing`` functions, the same ones pytest runs on slicer-core."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_BadInputsLeaveSceneUnchanged()
+        self.setUp()
+        self.test_BSplineObliqueLocal()
+        self.setUp()
+        self.test_TinyModelLocal()
+
+    def _ensureBackend(self):
+        plan = installer.plan_install()
+        if not plan.empty:
+            self.delayDisplay("Installing the local backend packages for the test")
+            installer.install(plan)
+
+    def test_BadInputsLeaveSceneUnchanged(self):
+        from ctsliceinterp.errors import InputError
+
+        self.delayDisplay("Bad inputs")
+        logic = CTSliceInterpLogic()
+        source = testing.add_synthetic_thick_node(slicer.mrmlScene)
+        label = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+        slicer.util.updateVolumeFromArray(label, (slicer.util.arrayFromVolume(source) > 0).astype("uint8"))
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        for inputNode, outputNode, spacing in ((None, None, 1.0), (label, None, 1.0), (source, source, 1.0),
+                                               (source, None, 5.0)):
+            with self.assertRaises(InputError):
+                logic.process(inputNode, outputNode, spacing=spacing)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+    def test_BSplineObliqueLocal(self):
+        self.delayDisplay("B-spline on an oblique thick volume, local backend")
+        self._ensureBackend()
+        logic = CTSliceInterpLogic()
+        source = testing.add_synthetic_thick_node(slicer.mrmlScene)
+        output = logic.process(source, spacing=1.0, method="bspline", timeout=600)
+        self.assertEqual(output.GetName(), "SyntheticThickCT_1mm")
+        testing.check_output_geometry(source, output, 1.0)
+        testing.check_output_values_bspline(source, output)
+        testing.check_layout(slicer.mrmlScene, source, output)
+        layoutManager = slicer.app.layoutManager()
+        self.assertEqual(layoutManager.layout, layout.SIDE_BY_SIDE)
+        rightView = layoutManager.sliceWidget(layout.RIGHT_VIEW).mrmlSliceCompositeNode()
+        self.assertEqual(rightView.GetBackgroundVolumeID(), output.GetID())
+        self.delayDisplay("B-spline passed")
+
+    def test_TinyModelLocal(self):
+        self.delayDisplay("Untrained tiny diffusion model, local backend")
+        self._ensureBackend()
+        import os
+
+        folder = os.path.join(slicer.app.temporaryPath, "CTSliceInterpTest", "tiny")
+        if not os.path.isdir(folder):
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            path, reason = testing.make_untrained_tiny_model(folder)
+            if path is None:
+                self.skipTest(reason)
+        backend = LocalBackend(models=[folder])
+        logic = CTSliceInterpLogic()
+        logic.localBackend = backend
+        try:
+            source = testing.add_synthetic_thick_node(slicer.mrmlScene, shape=(6, 32, 32), spacing=(0.8, 0.8, 5.0))
+            output = logic.process(source, spacing=1.0, method="tiny", steps=2, samples=2, seed=1, timeout=600)
+            testing.check_output_geometry(source, output, 1.0)
+            testing.check_output_values_plausible(source, output)
+            testing.check_layout(slicer.mrmlScene, source, output)
+            uncertainty = output.GetNodeReference("CTSliceInterpUncertainty")
+            self.assertIsNotNone(uncertainty)
+            testing.check_output_geometry(source, uncertainty, 1.0)
+        finally:
+            backend.stop()
+        self.delayDisplay("Tiny model passed")

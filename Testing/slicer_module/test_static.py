@@ -1,0 +1,90 @@
+"""Static checks of the Slicer module's files: .ui, widget names, CMake lists, no Qt in the Lib."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "CTSliceInterp"
+REPO = MODULE_DIR.parent
+
+
+def _static_check():
+    path = MODULE_DIR / "Testing" / "Python" / "CTSliceInterpStaticCheck.py"
+    spec = importlib.util.spec_from_file_location("CTSliceInterpStaticCheck", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_files_pass_the_static_check():
+    assert _static_check().check(MODULE_DIR) == []
+
+
+def test_static_check_finds_each_kind_of_problem(tmp_path):
+    copy = tmp_path / "CTSliceInterp"
+    shutil.copytree(MODULE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "CTSliceInterpLib" / "extra.py").write_text("import imp\n")
+    module = copy / "CTSliceInterp.py"
+    module.write_text(module.read_text() + "\n# self.ui.missingWidget\ntestLogic = False\n")
+    problems = "\n".join(_static_check().check(copy))
+    assert "self.ui.missingWidget" in problems
+    assert "CTSliceInterpLib/extra.py is not listed" in problems
+    assert "'imp' module" in problems
+    assert "disables its self-test" in problems
+    (copy / "Resources" / "UI" / "CTSliceInterp.ui").write_text("<ui><widget")
+    assert "does not parse" in _static_check().check(copy)[0]
+
+
+def test_module_file_is_valid_python_and_lib_has_no_qt():
+    ast.parse((MODULE_DIR / "CTSliceInterp.py").read_text())
+    for path in (MODULE_DIR / "CTSliceInterpLib").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import (qt|ctk)\b|from (qt|ctk) import)", text, re.M), f"{path.name} imports Qt"
+
+
+def test_every_bound_parameter_has_a_widget():
+    check = _static_check()
+    ui = MODULE_DIR / "Resources" / "UI" / "CTSliceInterp.ui"
+    bound = set(check.ui_parameter_names(ui).values())
+    assert {"inputVolume", "outputVolume", "spacing", "steps", "samples", "consistency", "showUncertainty"} <= bound
+
+
+def test_extension_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf"set\({key} \"[^\"]+\"", text), key
+    assert re.search(r"set\(EXTENSION_DEPENDS \"[^\"]*PyTorch", text)
+    assert "add_subdirectory(CTSliceInterp)" in text
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in module_cmake and "WITH_GENERIC_TESTS" in module_cmake
+    assert "slicer_add_python_unittest" in module_cmake
+
+
+def test_icon_is_128_pixels():
+    header = (REPO / "CTSliceInterp.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(header[16:20], "big") == 128 and int.from_bytes(header[20:24], "big") == 128
+
+
+def test_installer_plan_reads_the_bundled_pyproject():
+    import sys
+
+    sys.path.insert(0, str(MODULE_DIR))
+    from CTSliceInterpLib import installer
+
+    requirements = installer.backend_requirements()
+    names = {installer.requirement_name(r) for r in requirements}
+    assert {"torch", "numpy", "fastapi", "uvicorn"} <= names
+    plan = installer.plan_install(["torch>=99", "numpy>=1.0", "surely-not-installed-pkg>=1", "SimpleITK>=0"])
+    assert plan.torch == ">=99" and plan.pip == ["surely-not-installed-pkg>=1"]
+    text = plan.describe()
+    assert "PyTorch extension" in text and "surely-not-installed-pkg" in text
+    with pytest.raises(ValueError):
+        installer.requirement_name("   ")
