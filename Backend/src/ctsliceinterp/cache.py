@@ -1,0 +1,267 @@
+"""The training cache: one folder per case, raw int16 HU arrays that open memory-mapped.
+
+Layout of a cache (written by ``ctsliceinterp preprocess``)::
+
+    CACHE/
+        cache.json                        format name/version, dataset, options of the last run
+        cases/<category>/<case_id>/       one case (written atomically: a folder rename)
+            thick.npy                     int16 HU (z, y, x), the acquired (or simulated) thick slices
+            thin.npy                      int16 HU (z, y, x), the thin slices over the same z range
+            case.json                     geometry of both (LPS), slice thickness, overlap, source...
+        splits.json                       patient-level train/val/test lists of case keys
+        report.json                       the last run's per-case status (ok / failed + reason)
+
+Arrays are plain ``.npy`` (no compression) so ``np.load(mmap_mode="r")`` reads a random crop
+without touching the rest of the volume. Intensities stay in HU: a window is applied at load
+time, so a different window needs no re-run. A case key is ``<category>/<case_id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import CTSliceInterpError
+from .io.atomic import atomic_directory, atomic_file
+from .volume import Geometry, Volume
+
+FORMAT_NAME = "ctsliceinterp-cache"
+FORMAT_VERSION = 1
+CASES_DIR = "cases"
+CASE_MANIFEST = "case.json"
+CACHE_MANIFEST = "cache.json"
+SPLITS_FILE = "splits.json"
+REPORT_FILE = "report.json"
+SPLIT_NAMES = ("train", "val", "test")
+INT16_RANGE = (-32768, 32767)
+
+
+class CacheError(CTSliceInterpError):
+    """A cache folder or case is missing, incomplete or of another format version."""
+
+
+def geometry_to_dict(geometry: Geometry) -> dict[str, Any]:
+    return {"shape": list(geometry.shape), "spacing": list(geometry.spacing), "origin": list(geometry.origin),
+            "direction": list(geometry.direction)}
+
+
+def geometry_from_dict(data: dict[str, Any]) -> Geometry:
+    return Geometry(tuple(data["shape"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+
+
+def to_int16_hu(array: np.ndarray, what: str) -> tuple[np.ndarray, float]:
+    """HU as int16. Fractional HU (slab means, resampled volumes) are rounded (error <= 0.5 HU,
+    returned); values outside the int16 range are an error, never clipped."""
+    if array.dtype == np.int16:
+        return array, 0.0
+    values = np.asarray(array)
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise CacheError(f"the {what} volume holds NaN or infinite values")
+    if low < INT16_RANGE[0] - 0.5 or high > INT16_RANGE[1] + 0.5:
+        raise CacheError(f"the {what} volume spans {low:g}..{high:g}, outside the int16 HU range: not a CT in HU?")
+    if np.issubdtype(values.dtype, np.integer):
+        return values.astype(np.int16), 0.0
+    rounded = np.rint(values).astype(np.int16)
+    error = float(np.max(np.abs(rounded.astype(np.float32) - values.astype(np.float32)))) if values.size else 0.0
+    return rounded, error
+
+
+def case_key(category: str, case_id: str) -> str:
+    return f"{category}/{case_id}"
+
+
+def case_folder(cache: str | os.PathLike, category: str, case_id: str) -> Path:
+    return Path(cache) / CASES_DIR / category / case_id
+
+
+def write_case(folder: str | os.PathLike, thick: Volume, thin: Volume, info: dict[str, Any]) -> Path:
+    """Write one case atomically (a temporary folder renamed into place, manifest last).
+
+    ``info`` carries the metadata: category, case_id, overlap, source... (JSON-serialisable)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    thick_array, thick_rounding = to_int16_hu(thick.array, "thick")
+    thin_array, thin_rounding = to_int16_hu(thin.array, "thin")
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **info,
+        "thick": {"geometry": geometry_to_dict(thick.geometry), "slice_thickness_mm": thick.slice_thickness,
+                  "rounding_error_hu": thick_rounding},
+        "thin": {"geometry": geometry_to_dict(thin.geometry), "slice_thickness_mm": thin.slice_thickness,
+                 "rounding_error_hu": thin_rounding},
+        "dtype": "int16",
+        "units": "HU",
+    }
+    with atomic_directory(folder) as tmp:
+        np.save(tmp / "thick.npy", np.ascontiguousarray(thick_array))
+        np.save(tmp / "thin.npy", np.ascontiguousarray(thin_array))
+        (tmp / CASE_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """A finished case: its manifest (written last) parses and names this format."""
+    try:
+        manifest = json.loads((Path(folder) / CASE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("format") == FORMAT_NAME and manifest.get("format_version") == FORMAT_VERSION
+
+
+@dataclass
+class CachedCase:
+    """One case of the cache. ``thick``/``thin`` are Volumes over memory-mapped int16 arrays."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "CachedCase":
+        folder = Path(folder)
+        path = folder / CASE_MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CacheError(f"{folder} is not a cached case ({CASE_MANIFEST} missing: unfinished?)") from None
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cannot read {path}: {exc}") from None
+        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} case; re-run ctsliceinterp preprocess")
+        return cls(folder, manifest)
+
+    @property
+    def key(self) -> str:
+        return case_key(self.category, self.case_id)
+
+    @property
+    def category(self) -> str:
+        return str(self.manifest["category"])
+
+    @property
+    def case_id(self) -> str:
+        return str(self.manifest["case_id"])
+
+    def array(self, which: str, mmap: bool = True) -> np.ndarray:
+        if which not in ("thick", "thin"):
+            raise ValueError(which)
+        return np.load(self.folder / f"{which}.npy", mmap_mode="r" if mmap else None)
+
+    def geometry(self, which: str) -> Geometry:
+        return geometry_from_dict(self.manifest[which]["geometry"])
+
+    def volume(self, which: str, mmap: bool = True) -> Volume:
+        meta = {"slice_thickness": self.manifest[which]["slice_thickness_mm"], "case": self.key}
+        return Volume(self.array(which, mmap), self.geometry(which), meta)
+
+    @property
+    def thick(self) -> Volume:
+        return self.volume("thick")
+
+    @property
+    def thin(self) -> Volume:
+        return self.volume("thin")
+
+
+def iter_cases(cache: str | os.PathLike) -> Iterator[CachedCase]:
+    """Every finished case of a cache, sorted by key (unfinished temporary folders are skipped)."""
+    root = Path(cache) / CASES_DIR
+    if not root.is_dir():
+        raise CacheError(f"{cache} is not a training cache ({CASES_DIR}/ missing): run ctsliceinterp preprocess first")
+    for category in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in sorted(p for p in category.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if is_complete(folder):
+                yield CachedCase.open(folder)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return path
+
+
+# --- split ----------------------------------------------------------------------------------
+def parse_fractions(text: str | Iterable[float]) -> tuple[float, float, float]:
+    """"75,15,10" (percent or fractions) -> (0.75, 0.15, 0.10)."""
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise CacheError(f"the split must be three non-negative numbers train,val,test (e.g. 75,15,10), got {text!r}")
+    total = sum(values)
+    return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+def make_split(cases: Iterable[dict[str, str]], fractions=(0.75, 0.15, 0.10), seed: int = 0) -> dict[str, Any]:
+    """Patient-level split, stratified by category and deterministic for a seed.
+
+    ``cases``: dicts with ``key``, ``category`` and ``patient`` (cases of one patient always land
+    in the same split). Within each category, patients are sorted, shuffled with a generator
+    seeded by (seed, category), and cut by the fractions (largest remainders); so the split does
+    not depend on the order the cases were processed in."""
+    import hashlib
+    import random
+
+    fractions = parse_fractions(fractions)
+    by_category: dict[str, dict[str, list[str]]] = {}
+    for case in cases:
+        by_category.setdefault(case["category"], {}).setdefault(case["patient"], []).append(case["key"])
+    split: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    for category in sorted(by_category):
+        patients = sorted(by_category[category])
+        digest = hashlib.sha256(f"{seed}:{category}".encode()).hexdigest()
+        random.Random(int(digest[:16], 16)).shuffle(patients)
+        counts = _largest_remainder(len(patients), fractions)
+        start = 0
+        for name, count in zip(SPLIT_NAMES, counts):
+            for patient in patients[start : start + count]:
+                split[name].extend(sorted(by_category[category][patient]))
+            start += count
+    return {"seed": seed, "fractions": dict(zip(SPLIT_NAMES, fractions)), "level": "patient",
+            "stratified_by": "category", **{name: sorted(keys) for name, keys in split.items()}}
+
+
+def _largest_remainder(n: int, fractions) -> list[int]:
+    raw = [n * f for f in fractions]
+    counts = [int(math.floor(r)) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def read_split(cache: str | os.PathLike, split: str) -> list[str]:
+    if split not in SPLIT_NAMES and split != "all":
+        raise CacheError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)} or all")
+    if split == "all":
+        return [case.key for case in iter_cases(cache)]
+    path = Path(cache) / SPLITS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing: run ctsliceinterp preprocess on the dataset first") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cannot read {path}: {exc}") from None
+    return list(data.get(split, []))
+
+
+def open_split(cache: str | os.PathLike, split: str) -> list[CachedCase]:
+    cases = []
+    for key in read_split(cache, split):
+        category, _, case_id = key.partition("/")
+        folder = case_folder(cache, category, case_id)
+        cases.append(CachedCase.open(folder))
+    return cases
+
+
+def cache_manifest(cache: str | os.PathLike) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((Path(cache) / CACHE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
