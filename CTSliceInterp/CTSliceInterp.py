@@ -93,6 +93,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._methodsFuture = None
         self._executor = None
         self._lastMessage = None
+        self._lastState = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -168,10 +169,11 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # Widgets with a "SlicerParameterName" dynamic property in the .ui are bound here.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            wasBlocked = self.ui.remoteRadioButton.blockSignals(True)
+            blocked = [button.blockSignals(True) for button in (self.ui.localRadioButton, self.ui.remoteRadioButton)]
             self.ui.remoteRadioButton.checked = self._parameterNode.remote
             self.ui.localRadioButton.checked = not self._parameterNode.remote
-            self.ui.remoteRadioButton.blockSignals(wasBlocked)
+            for button, wasBlocked in zip((self.ui.localRadioButton, self.ui.remoteRadioButton), blocked):
+                button.blockSignals(wasBlocked)
             if self._parameterNode.serverUrl:
                 self.ui.serverComboBox.currentText = self._parameterNode.serverUrl
             self._updateButtons()
@@ -356,10 +358,14 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             status = self._run.poll()
             self.ui.progressBar.value = int(100 * status.progress)
-            if not status.finished:
+            if status.finished:
+                self._lastState = None
+                self._finishRun()
+            elif status.state != self._lastState:  # the log gets stages, the label every update
+                self._lastState = status.state
                 self._log(status.message)
             else:
-                self._finishRun()
+                self.ui.statusLabel.text = status.message
         if self._run is None and self._methodsFuture is None:
             self._timer.stop()
 
