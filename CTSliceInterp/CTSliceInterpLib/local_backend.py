@@ -6,7 +6,7 @@ listens on a free port chosen by the server (``--port 0``) and announces itself 
 command line, where other users could read it), keeps other local processes out. It is stopped
 when the module is cleaned up (application exit, module reload) and, as a last resort, at
 interpreter exit. The server also watches this process (``--parent-pid``) and exits when it
-ends, and on Linux the kernel signals it when its parent dies.
+ends, so a crashed Slicer leaves no server behind.
 """
 
 from __future__ import annotations
@@ -46,17 +46,6 @@ def default_python_executable() -> str:
         if launcher:
             return launcher
     return sys.executable
-
-
-def _die_with_parent():  # runs in the child between fork and exec (Linux only)
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort
-        pass
 
 
 class LocalBackend:
@@ -133,8 +122,6 @@ class LocalBackend:
             kwargs = {}
             if sys.platform.startswith("win"):
                 kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-            elif sys.platform.startswith("linux"):
-                kwargs["preexec_fn"] = _die_with_parent
             try:
                 self.process = subprocess.Popen(
                     self.command(), env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,

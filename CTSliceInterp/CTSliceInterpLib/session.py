@@ -75,6 +75,8 @@ class ServerTarget:
 def describe_error(exc: BaseException, target: ServerTarget) -> str:
     """A message a radiologist can act on, for any failure of a session."""
     client_module = _client_module()
+    if isinstance(exc, BackendError):  # start-up failures say so, with the server's log
+        return str(exc)
     if target.local is not None:
         crash = target.local.crash_message()
         if crash is not None:

@@ -156,3 +156,14 @@ def test_backend_crash_is_reported_and_recovered(scene, tiny_model, make_volume)
         testing.check_output_geometry(source, output, 2.5)
     finally:
         server.stop()
+
+
+def test_backend_that_cannot_start_gives_its_log(scene, make_volume):
+    source = add_volume_node(scene, make_volume())
+    before = _scene_node_ids(scene)
+    broken = LocalBackend(python=sys.executable, extra_args=["--no-such-option"])
+    interp = logic.InterpolationLogic(scene=scene, local_backend_factory=lambda: broken)
+    with pytest.raises(logic.ProcessingError, match=r"exited during start-up \(exit code 2\)(.|\n)*no-such-option"):
+        interp.process(source, timeout=60)
+    assert _scene_node_ids(scene) == before
+    broken.stop()
