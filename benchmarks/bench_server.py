@@ -278,23 +278,20 @@ def fuzz_endpoint(examples: int) -> dict:
 
 # --- 3. overhead ---------------------------------------------------------------------------------
 def overhead(shape, repeats: int) -> dict:
+    """In-process and server runs alternate (so load from other processes hits both alike)."""
     volume = ct_like(shape)
     request = InterpolationRequest(method="bspline", spacing=1.0)
-    interpolate(volume, request)  # warm-up (BLAS threads, page faults)
-    local = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = interpolate(volume, request)
-        local.append(time.perf_counter() - start)
-    expected = result.volume.array
-    del result
-
+    expected = interpolate(volume, request).volume.array  # warm-up (BLAS threads, page faults)
     server = ServerProcess()
     try:
         client = Client(server.url)  # loopback: raw NRRD, no compression
         client.run(volume, {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)  # warm-up
-        remote, server_job, parts = [], [], []
+        local, remote, server_job, parts, run_calls = [], [], [], [], []
         for _ in range(repeats):
+            start = time.perf_counter()
+            interpolate(volume, request)
+            local.append(time.perf_counter() - start)
+
             start = time.perf_counter()
             job_id = client.submit(volume, {"method": "bspline", "spacing": 1.0})
             uploaded = time.perf_counter()
@@ -311,24 +308,26 @@ def overhead(shape, repeats: int) -> dict:
             if not np.allclose(thin.array, expected, atol=1e-3):
                 raise RuntimeError("the server result differs from the in-process result")
             del thin
-        # And the plain convenience call, which is what the CLI uses.
-        start = time.perf_counter()
-        client.run(volume, {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)
-        run_call = time.perf_counter() - start
+            # The plain convenience call, which is what the CLI uses.
+            start = time.perf_counter()
+            client.run(volume, {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)
+            run_calls.append(time.perf_counter() - start)
     finally:
         server.stop()
-    local_s, remote_s = statistics.median(local), statistics.median(remote)
+    local_s, remote_s, run_s = statistics.median(local), statistics.median(remote), statistics.median(run_calls)
     median_parts = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
-    nz = expected.shape[0]
     return {
         "input_shape": list(shape),
-        "output_shape": [nz, shape[1], shape[2]],
+        "output_shape": list(expected.shape),
         "output_mib": round(expected.nbytes / 2**20, 1),
         "in_process_seconds": round(local_s, 3),
+        "in_process_seconds_all": [round(x, 3) for x in local],
         "server_seconds": round(remote_s, 3),
+        "server_seconds_all": [round(x, 3) for x in remote],
         "server_job_seconds": round(statistics.median(server_job), 3),
-        "client_run_seconds": round(run_call, 3),
+        "client_run_seconds": round(run_s, 3),
         "overhead_percent": round(100 * (remote_s - local_s) / local_s, 1),
+        "client_run_overhead_percent": round(100 * (run_s - local_s) / local_s, 1),
         "breakdown_median": median_parts,
         "repeats": repeats,
     }
@@ -367,7 +366,7 @@ def main() -> int:
         figures["fuzz"] = {"parser": fuzz_parser(200 if args.quick else 3000), "endpoint": fuzz_endpoint(50 if args.quick else 400)}
         print("fuzz:", json.dumps(figures["fuzz"]), flush=True)
     if "overhead" not in args.skip:
-        figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 5)
+        figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 7)
         print("overhead:", json.dumps(figures["overhead"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
