@@ -251,7 +251,7 @@ def test_client_disconnecting_mid_upload_leaves_the_server_healthy(shared_server
 
 # --- jobs: cancel, queue, retention ---------------------------------------------------------
 def test_cancel_reaches_a_running_job_within_one_step(start_server, make_volume):
-    step = 0.4  # the server sleeps this long at every progress step (8 steps per job)
+    step = 0.5  # the server sleeps this long at every progress step (8 steps per job)
     server = start_server(step_delay_seconds=step)
     client = Client(server.url)
     job_id = client.submit(make_volume(shape=(6, 32, 32)), {"method": "lanczos"})
@@ -278,7 +278,7 @@ def test_full_queue_answers_503_with_retry_after(start_server, make_volume):
     wait_for(lambda: client.status(running)["state"] == "running")
     queued = client.submit(make_volume(shape=(6, 16, 16)), {})
     status = client.status(queued)
-    assert status["state"] == "queued" and status["queue_position"] == 1
+    assert status["state"] == "queued" and status["queue_position"] == 1 and "eta_seconds" in status
     response = httpx.post(f"{server.url}/v1/jobs", content=volume_to_nrrd_bytes(_small()), headers=NRRD)
     assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
     with pytest.raises(ServerBusy) as info:

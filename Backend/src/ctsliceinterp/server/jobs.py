@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import Cancelled, CTSliceInterpError
 from ..progress import ProgressEvent

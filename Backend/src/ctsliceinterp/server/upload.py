@@ -8,7 +8,7 @@ import asyncio
 import re
 from typing import Optional
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from ..errors import InputError
 
