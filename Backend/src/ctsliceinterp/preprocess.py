@@ -153,6 +153,7 @@ def check_case_layout(names: Iterable[str], source: str) -> str:
             nested.add("/".join(parts[:-1]) + "/")
         else:
             found[parts[series_at]] += 1
+    extra -= {f"{root}/" for root in roots}  # loose files next to 1/ and 2/ (README): not a series
     if nested:
         raise CaseError(f"nested folders {', '.join(sorted(nested)[:3])} (expected case_X/1/*.dcm and case_X/2/*.dcm)")
     if len(roots) > 1:
@@ -200,12 +201,12 @@ def pair_by_position(thick: Volume, thin: Volume) -> tuple[Volume, Volume, dict[
     the overlap record."""
     from .grid import like_grid
 
+    if np.dot(thick.geometry.normal, thin.geometry.normal) < -0.5:
+        thin = reverse_slices(thin)  # stored in the opposite slice order: same voxels, same positions
     try:
         like_grid(thick.geometry, thin.geometry)
     except GeometryError as exc:
         raise CaseError(f"mismatched geometry between 1/ and 2/: {exc}") from None
-    if np.dot(thick.geometry.normal, thin.geometry.normal) < 0:
-        thin = reverse_slices(thin)
     t_pos, s_pos = thick.geometry.slice_positions(), thin.geometry.slice_positions()
     t_half, s_half = thick.slice_thickness / 2, thin.geometry.slice_spacing / 2
     if thin.geometry.slice_spacing >= thick.geometry.slice_spacing * (1 - 1e-3):
