@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .acquisition import apply_along_slices
 from .errors import InputError
 from .grid import fractional_indices
 from .progress import Reporter, as_reporter
@@ -77,15 +76,20 @@ def interpolate_classical(volume: Volume, target: Geometry, method: str = "bspli
     """Interpolate ``volume`` onto ``target`` (same in-plane grid) along the slice axis."""
     reporter: Reporter = as_reporter(progress)
     weights = interpolation_matrix(method, volume.shape[0], fractional_indices(volume.geometry, target))
+    # The B-spline prefilter's far-reaching weights decay to ~1e-45: denormal in float32, where
+    # they make BLAS several times slower while adding nothing (< 1e-9 HU).
+    weights = np.where(np.abs(weights) < 1e-12, 0.0, weights).astype(np.float32)
     n_pixels = volume.shape[1] * volume.shape[2]
-    flat = volume.array.reshape(volume.shape[0], n_pixels)
+    # One float32 copy of the (small) thick input, then BLAS writes straight into contiguous
+    # blocks of output slices: no temporaries the size of the output, no strided copies.
+    flat = np.ascontiguousarray(volume.array.reshape(volume.shape[0], n_pixels), dtype=np.float32)
     out = np.empty((target.shape[0], n_pixels), dtype=np.float32)
-    chunks = 8
-    bounds = np.linspace(0, n_pixels, chunks + 1).astype(int)
+    chunks = min(8, target.shape[0])
+    bounds = np.linspace(0, target.shape[0], chunks + 1).astype(int)
     reporter.update("interpolate", 0, chunks)
     for c in range(chunks):
         lo, hi = bounds[c], bounds[c + 1]
-        out[:, lo:hi] = apply_along_slices(weights, flat[:, lo:hi])
+        np.matmul(weights[lo:hi], flat, out=out[lo:hi])
         reporter.update("interpolate", c + 1, chunks)
     metadata = {k: v for k, v in volume.metadata.items() if k != "slice_thickness"}
     metadata["method"] = method
