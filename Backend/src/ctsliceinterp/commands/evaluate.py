@@ -80,6 +80,8 @@ def main(args) -> int:
           f"{d['reference']['slices']} reference slices every {d['reference']['spacing_mm']:g} mm "
           f"({d['evaluated_slices']} scored)")
     print(format_table(evaluation))
+    if evaluation.reference_consistency_mae_hu is not None:
+        print(f"(thick MAE of the real thin reference itself: {evaluation.reference_consistency_mae_hu:.2f} HU)")
     command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     if args.json:
         write_json(evaluation, args.json, {"command": command} if command else None)
