@@ -409,6 +409,7 @@ def run_main(build_task, argv=None, description: str = "") -> int:
     try:
         config = config_from_args(args)
         runtime = Runtime(args.device)
+        seed_everything(int(train_settings(config)["seed"]))  # the same initial weights on every run and rank
         task = build_task(config, runtime, Path(args.out))
         return fit(task, config, Path(args.out), runtime, resume=args.resume, progress=not args.no_progress)
     except CTSliceInterpError as exc:
