@@ -75,6 +75,8 @@ def test_chunks_cover_any_depth(depth):
         covered[s : min(s + 16, depth)] = True
         assert s + min(16, depth) <= depth
     assert covered.all()
+    assert all(b - a <= 16 - 4 for a, b in zip(starts, starts[1:]))  # neighbours share >= 4 slices
+    assert len(starts) == (1 if depth <= 16 else -(-(depth - 4) // 12))  # no more chunks than needed
 
 
 @pytest.mark.parametrize("depth", [16, 17, 29, 45])

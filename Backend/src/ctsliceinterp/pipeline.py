@@ -105,13 +105,12 @@ def resample_depth(latents: torch.Tensor, x: np.ndarray) -> torch.Tensor:
 
 # --- chunked sampling -----------------------------------------------------------------------
 def chunk_starts(depth: int, chunk: int, overlap: int) -> list[int]:
-    """Chunk start indices covering ``depth``; the last chunk is aligned to the end."""
+    """Start indices of the fewest chunks that cover ``depth`` with at least ``overlap`` slices
+    shared by neighbours, spread evenly (no nearly duplicated last chunk)."""
     if depth <= chunk:
         return [0]
-    stride = chunk - overlap
-    starts = list(range(0, depth - chunk, stride))
-    starts.append(depth - chunk)
-    return starts
+    count = math.ceil((depth - overlap) / (chunk - overlap))
+    return [int(round(s)) for s in np.linspace(0, depth - chunk, count)]
 
 
 def ramp_weights(length: int, overlap: int) -> torch.Tensor:

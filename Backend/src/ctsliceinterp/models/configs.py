@@ -190,7 +190,7 @@ def _small() -> ModelConfig:
             base_channels=32, channel_mult=(1, 2, 4), blocks_per_level=1, attention_levels=(1, 2),
             attention_head_channels=32, conv="2+1d",
         ),
-        inference=InferenceConfig(steps=8, chunk_depth=48, chunk_overlap=8),
+        inference=InferenceConfig(steps=8, chunk_depth=72, chunk_overlap=8),
     )
 
 
