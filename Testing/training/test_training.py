@@ -142,7 +142,7 @@ def test_diffusion_tiny_trains_and_interpolate_loads_its_checkpoint(thin_volumes
     from ctsliceinterp.cli import main as cli_main
 
     result = tmp_path / "result.nii.gz"
-    code = cli_main(["interpolate", thin_volumes[2], str(result), "--method", "diffusion", "--model", str(out / "model"),
+    code = cli_main(["interpolate", thin_volumes[2], "-o", str(result), "--method", "diffusion", "--model", str(out / "model"),
                      "--spacing", "0.5", "--steps", "2", "--no-progress"])
     assert code == 0 and result.exists()
 
