@@ -260,16 +260,14 @@ def _dicom_info(volume: Volume) -> dict[str, Any]:
 
 
 def read_pair(source: CaseSource) -> tuple[Volume, Volume]:
-    from .io.dicom import read_dicom
+    from .io.dicom import read_case
 
     path = Path(source.path)
     check_case_layout(_member_names(path), source.path)
     try:
-        thick = read_dicom(path, series="thick")
-        thin = read_dicom(path, series="thin")
+        return read_case(path)  # both series in one pass over the files
     except InputError as exc:
         raise CaseError(str(exc)) from None
-    return thick, thin
 
 
 def process_case(source: CaseSource, cache: str, options: PreprocessOptions) -> CaseResult:

@@ -2,8 +2,10 @@
 ``case_X/1`` thick / ``case_X/2`` thin included) <-> ``Volume``; and a DICOM series writer.
 
 Reading rules (see docs/io.md):
-- headers are scanned with pydicom (``stop_before_pixels``); pixels are decoded by pydicom,
-  with pylibjpeg for compressed transfer syntaxes (JPEG Lossless, JPEG-LS, JPEG 2000...);
+- headers are scanned with pydicom (``stop_before_pixels``); uncompressed little-endian pixels
+  are read straight from the file's bytes with numpy (as pydicom would, unused high bits
+  included); other transfer syntaxes are decoded by pydicom, with pylibjpeg for compressed ones
+  (JPEG Lossless, JPEG-LS, JPEG 2000...);
 - slices are ordered by ImagePositionPatient projected on the slice normal (the cross product
   of the ImageOrientationPatient rows), never by file name or InstanceNumber;
 - RescaleSlope/Intercept are applied per slice (HU out); int16 when the HU fit, else float32;
@@ -20,9 +22,12 @@ import contextlib
 import datetime
 import io
 import logging
+import mmap
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -55,6 +60,9 @@ SPACING_RELATIVE_TOLERANCE = 0.01
 TILT_TOLERANCE_PIXELS = 0.1
 
 SCAN_THREADS = 4
+# Uncompressed little-endian transfer syntaxes: pixels are read with numpy, no decoder needed.
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 # A file of these modalities without Rows/Columns is a broken image, not a report or a DICOMDIR.
 IMAGE_MODALITIES = {"CT", "MR", "PT", "NM", "CR", "DX", "XA", "RF", "US", "OT", "MG"}
 
@@ -67,6 +75,14 @@ class _Member:
     name: str  # relative POSIX path inside the folder or ZIP (what the user sees in errors)
     opener: Callable[[], Any]  # returns a binary file object
     display: str  # full name for messages
+    reader: Callable[[], bytes] | None = None  # the whole file at once, when faster than opener().read()
+
+
+def _member_bytes(member: _Member) -> bytes:
+    if member.reader is not None:
+        return member.reader()
+    with member.opener() as f:
+        return f.read()
 
 
 def _folder_members(folder: Path, recursive: bool = True) -> list[_Member]:
@@ -80,7 +96,9 @@ def _folder_members(folder: Path, recursive: bool = True) -> list[_Member]:
     return members
 
 
-def _zip_members(archive: zipfile.ZipFile, zip_path: Path) -> list[_Member]:
+def _zip_members(archive: zipfile.ZipFile, zip_path: Path, raw: mmap.mmap | None = None) -> list[_Member]:
+    """``raw``: the ZIP file memory-mapped; whole members are then inflated in one call from it
+    (``_inflate_member``) instead of through zipfile's streams."""
     members = []
     for info in archive.infolist():
         name = info.filename
@@ -88,8 +106,46 @@ def _zip_members(archive: zipfile.ZipFile, zip_path: Path) -> list[_Member]:
         if info.is_dir() or name.startswith("__MACOSX/") or hidden:
             continue
         # ZipExtFile streams are seekable; pydicom reads headers without inflating the pixels.
-        members.append(_Member(name, lambda info=info: archive.open(info), f"{zip_path}:{name}"))
+        opener = lambda info=info: archive.open(info)  # noqa: E731
+        reader = None
+        if raw is not None:
+            reader = lambda info=info, opener=opener: _inflate_member(raw, info, opener)  # noqa: E731
+        members.append(_Member(name, opener, f"{zip_path}:{name}", reader))
     return members
+
+
+def _inflate():
+    """The fastest raw-deflate decoder at hand: ISA-L (``isal``, 2-3x zlib) when installed, else
+    zlib. Both release the GIL, so members inflate in parallel threads."""
+    try:
+        from isal import isal_zlib
+
+        return isal_zlib.decompress, isal_zlib.crc32
+    except ImportError:
+        return zlib.decompress, zlib.crc32
+
+
+def _inflate_member(raw: mmap.mmap, info: zipfile.ZipInfo, opener: Callable[[], Any]) -> bytes:
+    """One ZIP member, inflated in one call from the memory-mapped archive and checked against
+    its CRC-32. Anything but a plain stored or deflated member (encrypted, bzip2, LZMA, an odd
+    local header) goes through zipfile instead."""
+    offset = info.header_offset
+    header = raw[offset : offset + 30]
+    plain = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not info.flag_bits & 0x1
+    if not plain or len(header) < 30 or header[:4] != b"PK\x03\x04":
+        with opener() as f:
+            return f.read()
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    start = offset + 30 + name_length + extra_length
+    compressed = raw[start : start + info.compress_size]
+    decompress, crc32 = _inflate()
+    try:
+        data = compressed if info.compress_type == zipfile.ZIP_STORED else decompress(compressed, -15, max(info.file_size, 1))
+    except Exception as exc:  # noqa: BLE001 - zlib.error / isal error: a damaged member
+        raise zipfile.BadZipFile(f"cannot inflate {info.filename}: {exc}") from None
+    if len(data) != info.file_size or crc32(data) & 0xFFFFFFFF != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC-32 or size for {info.filename}: the ZIP is corrupted")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +163,8 @@ class _Slice:
     position: tuple[float, ...] | None
     pixel_spacing: tuple[float, float] | None
     frames: int
+    data: bytes | None = None  # the whole file, when the scan read it (``read_case``)
+    pixel_offset: int | None = None  # where the PixelData element starts in ``data``
 
 
 def _looks_like_dicom(member: _Member) -> bool:
@@ -123,15 +181,33 @@ def _floats(value, count: int) -> tuple[float, ...] | None:
     return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
-def _scan_member(member: _Member) -> _Slice | None:
+def _scan_member(member: _Member, keep_data: bool = False) -> _Slice | None:
     """Parse one header. Returns None for files that are not DICOM images (README, DICOMDIR,
-    reports); raises InputError for a file that claims to be DICOM but cannot be read."""
+    reports); raises InputError for a file that claims to be DICOM but cannot be read.
+
+    ``keep_data``: read the whole file once and keep it, so the pixels need no second read."""
     import pydicom
 
-    claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or _looks_like_dicom(member)
+    data = pixel_offset = None
+    if keep_data:
+        try:
+            data = _member_bytes(member)
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputError(f"cannot read {member.display}: {_short(exc)} (corrupted ZIP or file?)") from None
+        claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM"
+    else:
+        claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or _looks_like_dicom(member)
     try:
-        with member.opener() as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not claims_dicom)
+        if data is not None:
+            stream = io.BytesIO(data)
+            ds = pydicom.dcmread(stream, stop_before_pixels=True, force=not claims_dicom)
+            # pydicom stops with the stream at the start of the PixelData element.
+            if data[stream.tell() : stream.tell() + 4] == PIXEL_DATA_TAG:
+                pixel_offset = stream.tell()
+        else:
+            with member.opener() as f:
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=not claims_dicom)
+                pixel_offset = f.tell()  # checked against the bytes when the pixels are read
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         rows, columns = ds.get("Rows"), ds.get("Columns")
@@ -160,6 +236,8 @@ def _scan_member(member: _Member) -> _Slice | None:
         position=_floats(ds.get("ImagePositionPatient"), 3),
         pixel_spacing=spacing,
         frames=frames,
+        data=data,
+        pixel_offset=pixel_offset,
     )
 
 
@@ -168,12 +246,12 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
-def _scan(members: list[_Member]) -> list[_Slice]:
+def _scan(members: list[_Member], keep_data: bool = False) -> list[_Slice]:
     if len(members) > 8:
         with ThreadPoolExecutor(SCAN_THREADS) as pool:
-            found = list(pool.map(_scan_member, members))
+            found = list(pool.map(lambda m: _scan_member(m, keep_data), members))
     else:
-        found = [_scan_member(m) for m in members]
+        found = [_scan_member(m, keep_data) for m in members]
     return [s for s in found if s is not None]
 
 
@@ -375,14 +453,51 @@ def _check_pixel_kind(s: _Slice) -> None:
         )
 
 
+def _native_pixels(s: _Slice, data: bytes, offset: int | None) -> np.ndarray | None:
+    """The pixels of an uncompressed little-endian 16-bit slice, read from the file's bytes with
+    numpy (a view, no copy), or None when this file needs pydicom's decoders. Unused high bits
+    are corrected as pydicom does (masked when unsigned, sign-extended when signed)."""
+    ds = s.header
+    syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    if offset is None or syntax not in NATIVE_LITTLE_ENDIAN or int(ds.get("BitsAllocated", 0) or 0) != 16:
+        return None
+    if data[offset : offset + 4] != PIXEL_DATA_TAG:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits_stored = int(ds.get("BitsStored", 16) or 16)
+    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        (length,), start = struct.unpack("<I", data[offset + 4 : offset + 8]), offset + 8
+    elif data[offset + 4 : offset + 6] in (b"OW", b"OB"):  # explicit VR: tag, VR, 2 reserved, length
+        (length,), start = struct.unpack("<I", data[offset + 8 : offset + 12]), offset + 12
+    else:
+        return None
+    count = s.rows * s.columns
+    if length != 2 * count or start + length > len(data) or not 1 <= bits_stored <= 16:
+        return None  # undefined length (encapsulated) or a size pydicom should judge
+    pixels = np.frombuffer(data, "<i2" if signed else "<u2", count, start).reshape(s.rows, s.columns)
+    if bits_stored < 16:
+        shift = 16 - bits_stored
+        if signed and (pixels.min() < -(1 << (bits_stored - 1)) or pixels.max() >= 1 << (bits_stored - 1)):
+            pixels = (pixels << shift) >> shift
+        elif not signed and pixels.max() >= 1 << bits_stored:
+            pixels = pixels & np.uint16((1 << bits_stored) - 1)
+    return pixels
+
+
 def _read_slice_pixels(s: _Slice) -> tuple[np.ndarray, float, float]:
     import pydicom
 
     try:
-        with s.member.opener() as f:
-            data = f.read()  # one read: ZIP inflation runs outside the GIL, in parallel
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        pixels = ds.pixel_array
+        if s.data is not None:
+            data, offset = s.data, s.pixel_offset
+        else:
+            data = _member_bytes(s.member)  # one read: ZIP inflation runs outside the GIL, in parallel
+            offset = s.pixel_offset
+        pixels = _native_pixels(s, data, offset)
+        ds = s.header
+        if pixels is None:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupted file for the user
         raise InputError(f"cannot decode the pixels of {s.member.display}: {_short(exc)} (corrupted or unsupported compression?)") from None
     if pixels.shape != (s.rows, s.columns):
@@ -392,14 +507,23 @@ def _read_slice_pixels(s: _Slice) -> tuple[np.ndarray, float, float]:
     return pixels, slope, intercept
 
 
+def _read_slice_range(s: _Slice) -> tuple[np.ndarray, float, float, float, float]:
+    """Pixels, slope, intercept and the slice's HU range."""
+    pixels, slope, intercept = _read_slice_pixels(s)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if slope < 0:
+        lo, hi = hi, lo
+    return pixels, slope, intercept, lo * slope + intercept, hi * slope + intercept
+
+
 def _stack_hu(slices: list[_Slice]) -> np.ndarray:
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
-        decoded = list(pool.map(_read_slice_pixels, slices))
+        decoded = list(pool.map(_read_slice_range, slices))
     slopes = np.array([d[1] for d in decoded])
     intercepts = np.array([d[2] for d in decoded])
     integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
-    low = min(float(p.min()) * sl + ic if sl >= 0 else float(p.max()) * sl + ic for p, sl, ic in decoded)
-    high = max(float(p.max()) * sl + ic if sl >= 0 else float(p.min()) * sl + ic for p, sl, ic in decoded)
+    low = min(d[3] for d in decoded)
+    high = max(d[4] for d in decoded)
     if integral and -32768 <= low and high <= 32767:
         dtype = np.int16
     elif integral and -(2**31) <= low and high < 2**31:
@@ -407,11 +531,20 @@ def _stack_hu(slices: list[_Slice]) -> np.ndarray:
     else:
         dtype = np.float32  # non-integer slope or intercept: keep the fractions
     out = np.empty((len(decoded),) + decoded[0][0].shape, dtype=dtype)
-    for k, (pixels, slope, intercept) in enumerate(decoded):
+
+    def convert(k: int) -> None:
+        pixels, slope, intercept = decoded[k][:3]
         if dtype == np.float32:
             out[k] = pixels.astype(np.float64) * slope + intercept
+        elif slope == 1 and pixels.dtype.itemsize <= 2:
+            # The common CT case, in one pass: 16-bit storage + intercept, computed in int32
+            # (exact) and stored in the output type, which the range above says holds it.
+            np.add(pixels, np.int32(intercept), out=out[k], casting="unsafe")
         else:
             out[k] = pixels.astype(np.int64) * int(slope) + int(intercept)
+
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:  # numpy releases the GIL
+        list(pool.map(convert, range(len(decoded))))
     return out
 
 
@@ -445,46 +578,32 @@ def _quiet_pydicom():
         logger.setLevel(level)
 
 
-def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None) -> Volume:
-    """Read one DICOM CT series as a Volume in HU (LPS geometry).
-
-    ``path``: a folder (searched recursively), one .dcm file of a series (its folder is read and
-    the file's series kept), or a ZIP (read in memory, never extracted). ``series``: "thick" or
-    "thin" for the case layout; ``series_uid`` picks a series among several."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"input not found: {p}")
-    archive = None
+@contextlib.contextmanager
+def _members_of(p: Path):
+    """The files of a folder or a ZIP as members; a ZIP stays open (and memory-mapped, so whole
+    members inflate in one call) until the block ends."""
+    if p.is_dir():
+        yield _folder_members(p), "folder"
+        return
     try:
-        if p.is_dir():
-            members = _folder_members(p)
-        elif p.suffix.lower() == ".zip" or zipfile.is_zipfile(p):
-            try:
-                archive = zipfile.ZipFile(p)
-                members = _zip_members(archive, p)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise InputError(f"{p} is not a valid ZIP file ({_short(exc)})") from None
-        else:
-            # One file of a series: read its folder and keep the file's series.
-            single = _scan_member(_Member(p.name, lambda: open(p, "rb"), str(p)))
-            if single is None:
-                raise InputError(f"{p} is not a DICOM image")
-            members = _folder_members(p.parent, recursive=False)
-            series_uid = series_uid or single.series_uid
-        with _quiet_pydicom():
-            slices = _scan(members)
-        if not slices:
-            kind = "ZIP" if archive is not None else "folder"
-            raise InputError(f"no DICOM images found in the {kind} {p} ({len(members)} files looked at)")
-        chosen = _choose_series(slices, str(p), series, series_uid)
-        for s in chosen:
-            _check_pixel_kind(s)
-        chosen, geometry = _series_geometry(chosen, str(p))
-        with _quiet_pydicom():
-            array = _stack_hu(chosen)
-    finally:
-        if archive is not None:
-            archive.close()
+        archive = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{p} is not a valid ZIP file ({_short(exc)})") from None
+    with archive, open(p, "rb") as f:
+        raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            yield _zip_members(archive, p, raw), "ZIP"
+        finally:
+            raw.close()
+
+
+def _series_volume(chosen: list[_Slice], source: str, series: str | None) -> Volume:
+    """Check, sort and decode one chosen series into a Volume in HU with its DICOM metadata."""
+    for s in chosen:
+        _check_pixel_kind(s)
+    chosen, geometry = _series_geometry(chosen, source)
+    with _quiet_pydicom():
+        array = _stack_hu(chosen)
     header = chosen[0].header
     tags = _carried_tags(header)
     metadata: dict[str, Any] = {
@@ -504,6 +623,55 @@ def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: s
     if series:
         metadata["case_series"] = series
     return Volume(array, geometry, metadata)
+
+
+def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None) -> Volume:
+    """Read one DICOM CT series as a Volume in HU (LPS geometry).
+
+    ``path``: a folder (searched recursively), one .dcm file of a series (its folder is read and
+    the file's series kept), or a ZIP (read in memory, never extracted). ``series``: "thick" or
+    "thin" for the case layout; ``series_uid`` picks a series among several."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"input not found: {p}")
+    if not p.is_dir() and not (p.suffix.lower() == ".zip" or zipfile.is_zipfile(p)):
+        # One file of a series: read its folder and keep the file's series.
+        single = _scan_member(_Member(p.name, lambda: open(p, "rb"), str(p)))
+        if single is None:
+            raise InputError(f"{p} is not a DICOM image")
+        members = _folder_members(p.parent, recursive=False)
+        series_uid = series_uid or single.series_uid
+        return _read_series(members, "folder", p, series, series_uid)
+    with _members_of(p) as (members, kind):
+        return _read_series(members, kind, p, series, series_uid)
+
+
+def _read_series(members: list[_Member], kind: str, p: Path, series: str | None, series_uid: str | None) -> Volume:
+    with _quiet_pydicom():
+        slices = _scan(members)
+    if not slices:
+        raise InputError(f"no DICOM images found in the {kind} {p} ({len(members)} files looked at)")
+    chosen = _choose_series(slices, str(p), series, series_uid)
+    return _series_volume(chosen, str(p), series)
+
+
+def read_case(path: str | os.PathLike) -> tuple[Volume, Volume]:
+    """Both series of one case in the dataset's layout (``case_X/1`` thick, ``case_X/2`` thin),
+    from a ZIP or a folder, as (thick, thin) Volumes in HU.
+
+    The same result as ``read_dicom(path, series="thick")`` and ``series="thin"``, but every file
+    is read (inflated) once, headers and pixels from the same bytes, in parallel threads."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"input not found: {p}")
+    with _members_of(p) as (members, kind):
+        with _quiet_pydicom():
+            slices = _scan(members, keep_data=True)
+        if not slices:
+            raise InputError(f"no DICOM images found in the {kind} {p} ({len(members)} files looked at)")
+        thick = _series_volume(_choose_series(slices, str(p), "thick", None), str(p), "thick")
+        thin = _series_volume(_choose_series(slices, str(p), "thin", None), str(p), "thin")
+    return thick, thin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,4 +822,4 @@ def _ds(value: float) -> str:
     return f"{value:.6g}"
 
 
-__all__ = ["read_dicom", "write_dicom_series"]
+__all__ = ["read_case", "read_dicom", "write_dicom_series"]
