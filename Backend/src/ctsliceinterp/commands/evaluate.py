@@ -1,4 +1,5 @@
-"""`ctsliceinterp evaluate --thin REF [--thick REAL_THICK | --thickness 5] --methods ... --json OUT --report DIR`"""
+"""`ctsliceinterp evaluate --thin REF [--thick REAL_THICK | --thickness 5] --methods ... --json OUT --report DIR`
+and `ctsliceinterp evaluate --cache CACHE --split test [--model PATH] --report DIR` (every case of a split)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ DEFAULT_METHODS = "linear,bspline,lanczos"
 
 
 def configure_parser(parser) -> None:
-    parser.add_argument("--thin", required=True, metavar="REF", help="thin reference CT (file, DICOM folder or ZIP)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--thin", metavar="REF", help="thin reference CT (file, DICOM folder or ZIP); required unless --cache")
+    parser.add_argument("--cache", metavar="CACHE", help="evaluate every case of a split of a preprocessed cache (ctsliceinterp preprocess) instead")
+    parser.add_argument("--split", default="test", help="with --cache: train, val, test (default) or all")
+    parser.add_argument("--crop", type=int, metavar="PIXELS", help="with --cache: a centred in-plane crop of every case (quick look; not full-FOV scores)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--thick", metavar="REAL_THICK", help="the real thick series of the same scan (a real pair)")
     source.add_argument("--thickness", type=float, metavar="MM", help="simulate thick slices of this width from the reference (slab means)")
     parser.add_argument("--spacing", type=float, metavar="MM",
@@ -41,6 +45,10 @@ def main(args) -> int:
     from .common import TqdmProgress
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.cache:
+        return _main_cache(args, methods)
+    if not args.thin or not (args.thick or args.thickness):
+        raise InputError("give --thin REF and --thick REAL_THICK or --thickness MM (or --cache CACHE --split test)")
     unknown = [m for m in methods if m not in available_methods()]
     if not methods or unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(available_methods())}")
@@ -94,3 +102,59 @@ def main(args) -> int:
         summary = write_summary(evaluation, report_dir / "summary.md", command, figures)
         print(f"wrote {', '.join(figures)}, {summary}")
     return 0
+
+
+def _main_cache(args, methods: list[str]) -> int:
+    """``--cache CACHE --split S``: every case of the split, one report folder."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..evaluate_cache import evaluate_split
+    from ..io.atomic import check_output_path
+    from ..run import available_methods
+    from .common import TqdmProgress
+
+    if args.thin or args.thick or args.thickness:
+        raise InputError("--cache evaluates the cached pairs: leave out --thin, --thick and --thickness")
+    if not args.report:
+        raise InputError("--cache needs --report DIR for the report (JSON, CSV, figures, summary.md)")
+    if args.model and "diffusion" not in methods and args.methods == DEFAULT_METHODS:
+        methods.append("diffusion")  # --model given: the model runs beside the classical baselines
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available_methods())}")
+    if args.crop is not None and args.crop < 16:
+        raise InputError(f"--crop must be at least 16 pixels, got {args.crop}")
+    report_dir = check_output_path(Path(args.report), [args.cache])
+    options = {"device": args.device, "seed": args.seed}
+    if "diffusion" in methods:
+        options.update(model=args.model, steps=args.steps, sampler=args.sampler)
+    command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    progress = TqdmProgress(enabled=not args.no_progress)
+
+    def on_case(outcome) -> None:
+        progress.close()
+        if outcome.ok:
+            best = max(outcome.evaluation.results.values(), key=lambda r: r.scores.psnr)
+            print(f"{outcome.key}: {', '.join(f'{m} {r.scores.psnr:.2f} dB' for m, r in outcome.evaluation.results.items())} "
+                  f"(best {best.method})")
+        else:
+            print(f"{outcome.key}: not evaluated: {outcome.error}")
+
+    try:
+        report = evaluate_split(args.cache, args.split, methods, report_dir, options, crop=args.crop,
+                                progress=progress, command=command, on_case=on_case)
+    finally:
+        progress.close()
+    for method, values in report.means().items():
+        print(f"mean {method}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f} over {values['cases']} case(s)"
+              if values["psnr"] is not None else f"mean {method}: no case evaluated")
+    print(f"wrote {report_dir / 'report.json'}, report.csv, summary.md, psnr_by_method.png and cases/*/")
+    if args.json:
+        import shutil
+
+        from ..io.atomic import atomic_file
+
+        with atomic_file(check_output_path(args.json, [args.cache]), suffix=".json") as tmp:
+            shutil.copyfile(report_dir / "report.json", tmp)
+    return 0 if report.evaluated else 1
