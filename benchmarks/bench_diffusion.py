@@ -153,7 +153,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net and decoder")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--flops-only", action="store_true", help="only count FLOPs per volume (meta device, any machine)")
     args = parser.parse_args(argv)
+    if args.flops_only:
+        for name in args.configs or ["tiny", "small", "medium"]:
+            config = get_config(name)
+            for thick_slices, label in ((28, "phantom 28 slices"), (50, "full 50 slices")):
+                thin = (thick_slices - 1) * 5 + 1
+                steps = config.inference.steps
+                f = count_flops(config, thin, 512, 512, steps)
+                total = f["encode_per_slice"] * thick_slices + f["unet_per_step"] * steps + f["decode_per_slice"] * thin
+                print(
+                    f"{name:6s} {label:18s} -> {thin} x 512 x 512: U-Net {f['unet_per_step'] / 1e12:.2f} TFLOP/step "
+                    f"({f['unet_calls_per_step']} chunks), encode {f['encode_per_slice'] / 1e9:.1f} GFLOP/slice, "
+                    f"decode {f['decode_per_slice'] / 1e9:.1f} GFLOP/slice; {steps} steps: {total / 1e12:.1f} TFLOP/volume"
+                )
+        return 0
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     configs = args.configs or (["tiny", "small", "medium"] if cuda else ["tiny", "small"])
