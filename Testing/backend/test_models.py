@@ -14,6 +14,10 @@ from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE, measure_latent_scale, vae_loss
 
 
+# diffusers builds its sigmas with np.array(tensor) (harmless under numpy 2).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread: on a shared 2-core machine two threads spin-wait on each other and

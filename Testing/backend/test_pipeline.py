@@ -32,6 +32,10 @@ from ctsliceinterp.progress import Reporter
 from ctsliceinterp.volume import Geometry, Volume
 
 
+# diffusers builds its sigmas with np.array(tensor) (harmless under numpy 2).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread: on a shared 2-core machine two threads spin-wait on each other."""
