@@ -69,6 +69,11 @@ class DiffusionTask:
         train_sources = load_sources(data, "train")
         self.val_sources = load_sources(data, "val") or train_sources
         self.precomputed = bool(data.get("precompute_latents", False))
+        # Precomputed latents of a centred in-plane window only (null: the whole slice): the
+        # encoder dominates the cost on a CPU, and training crops are much smaller than a slice.
+        self.latent_crop = data.get("latent_crop")
+        if self.latent_crop is not None and int(self.latent_crop) % self.model_config.vae.downsampling_factor:
+            raise TrainingError(f"data.latent_crop ({self.latent_crop}) must be a multiple of {self.model_config.vae.downsampling_factor}")
         latents, crop = None, self.crop
         if self.precomputed:
             latents = self._precompute(train_sources + [s for s in self.val_sources if s not in train_sources], out, runtime)
@@ -93,6 +98,13 @@ class DiffusionTask:
         z = torch.cat(parts) * self.latent_scale
         return z.reshape(b, d, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
+    def _latent_window(self, volume) -> tuple[int, int, int]:
+        """(y0, x0, size) of the centred in-plane window that is encoded; the same for a case's
+        thick and thin volumes, which share one in-plane grid."""
+        h, w = volume.shape[1], volume.shape[2]
+        size = max(h, w) if self.latent_crop is None else int(self.latent_crop)
+        return max(0, (h - size) // 2), max(0, (w - size) // 2), size
+
     def _precompute(self, sources, out: Path, runtime: loop.Runtime) -> dict:
         """Encode every whole case once (rank 0 writes OUT/latents/*.npy, float16), memory-map them."""
         from ctsliceinterp.io.atomic import atomic_file
@@ -110,8 +122,9 @@ class DiffusionTask:
                     if path.exists():
                         continue
                     latents = []
+                    y0, x0, size = self._latent_window(volume)
                     for start in range(0, volume.shape[0], 16):
-                        hu = np.asarray(volume.array[start : start + 16])
+                        hu = np.asarray(volume.array[start : start + 16, y0 : y0 + size, x0 : x0 + size])
                         x, _ = _pad_in_plane(normalise(hu, self.model_config.window), self.model_config.vae.downsampling_factor)
                         latents.append(self.encode(torch.from_numpy(x)[None])[0].cpu())
                     with atomic_file(path, suffix=".npy") as tmp:

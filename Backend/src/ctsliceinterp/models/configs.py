@@ -1,4 +1,4 @@
-"""Named model configurations: ``tiny`` (tests), ``small`` (shipped default), ``medium`` (origin design).
+"""Named model configurations: ``tiny`` (tests), ``default`` (the shipped CPU-trained model), ``small`` (CPU inference, GPU-trained), ``medium`` (origin design).
 
 A ``ModelConfig`` fully describes the networks, the intensity window, the diffusion schedule and
 the inference defaults. It is stored as JSON in every checkpoint (``to_dict`` / ``from_dict``), so
@@ -194,6 +194,21 @@ def _small() -> ModelConfig:
     )
 
 
+def _default() -> ModelConfig:
+    # The shipped model when it has to be trained on a CPU (weights/default/MODEL_CARD.md): 'small'
+    # at half width (VAE 32/64/128, U-Net base 16), 3-4x fewer FLOPs per step and per volume.
+    return ModelConfig(
+        name="default",
+        vae=VAEConfig(encoder_channels=(32, 64, 128), decoder_channels=(32, 64, 128), encoder_blocks=1, decoder_blocks=1),
+        unet=UNetConfig(
+            base_channels=16, channel_mult=(1, 2, 4), blocks_per_level=1, attention_levels=(1, 2),
+            attention_head_channels=16, conv="2+1d", norm_groups=8,
+        ),
+        # Chunks as deep as the training samples (Training/configs/default_diffusion.yaml: depth 32).
+        inference=InferenceConfig(steps=8, chunk_depth=32, chunk_overlap=8),
+    )
+
+
 def _medium() -> ModelConfig:
     return ModelConfig(
         name="medium",
@@ -203,11 +218,12 @@ def _medium() -> ModelConfig:
     )
 
 
-CONFIGS = {"tiny": _tiny, "small": _small, "medium": _medium}
+CONFIGS = {"tiny": _tiny, "default": _default, "small": _small, "medium": _medium}
 
 # Stated parameter ranges (U-Net, VAE), tested in Testing/backend/test_models.py.
 PARAMETER_RANGES = {
     "tiny": {"unet": (0.05e6, 0.5e6), "vae": (0.02e6, 0.3e6)},
+    "default": {"unet": (0.5e6, 2e6), "vae": (1e6, 3e6)},
     "small": {"unet": (2e6, 12e6), "vae": (2e6, 8e6)},
     "medium": {"unet": (243e6, 297e6), "vae": (3e6, 15e6)},
 }
