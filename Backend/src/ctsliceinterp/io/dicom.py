@@ -192,7 +192,8 @@ def _scan_member(member: _Member, keep_data: bool = False) -> _Slice | None:
     if keep_data:
         try:
             data = _member_bytes(member)
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
+            # RuntimeError: an encrypted member; NotImplementedError: an unsupported compression.
             raise InputError(f"cannot read {member.display}: {_short(exc)} (corrupted ZIP or file?)") from None
         claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM"
     else:
@@ -545,6 +546,8 @@ def _stack_hu(slices: list[_Slice]) -> np.ndarray:
 
     with ThreadPoolExecutor(SCAN_THREADS) as pool:  # numpy releases the GIL
         list(pool.map(convert, range(len(decoded))))
+    for s in slices:
+        s.data = None  # the file bytes kept by the scan are no longer needed
     return out
 
 
