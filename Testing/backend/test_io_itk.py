@@ -119,3 +119,22 @@ def test_every_real_volume_passes_validation(shared_data):
         image = sitk.ReadImage(path)
         volume = Volume.from_array(sitk.GetArrayViewFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         validate_ct(volume, source=path)
+
+
+def test_atomic_outputs_get_normal_permissions_not_private_temp_ones(tmp_path):
+    import os
+    import stat
+
+    from ctsliceinterp.io.atomic import atomic_directory, atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "out.nrrd") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_directory(tmp_path / "series") as folder:
+            (folder / "a.dcm").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.nrrd").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "series" / "a.dcm").stat().st_mode) == 0o644

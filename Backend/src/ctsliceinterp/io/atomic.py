@@ -35,6 +35,24 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions
+    (what ``open()`` would give under the current umask), so colleagues and PACS tools can read them."""
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it to ``target``.
@@ -47,6 +65,7 @@ def atomic_file(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _give_default_permissions(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -63,6 +82,7 @@ def atomic_header_and_data(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp / target.name
         header = tmp / target.name
+        _give_default_permissions(tmp)
         for item in sorted(tmp.iterdir()):
             if item != header:
                 os.replace(item, target.parent / item.name)
@@ -78,6 +98,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
+        _give_default_permissions(tmp)
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, backup / "old")
