@@ -157,5 +157,6 @@ def test_cli_cache_mode_and_its_errors(cache, tmp_path, capsys):
     assert cli.main(["evaluate", "--cache", str(cache), "--split", "test"]) == 2
     assert cli.main(["evaluate", "--cache", str(cache), "--thin", str(cache), "--report", str(tmp_path / "r")]) == 2
     assert cli.main(["evaluate", "--thickness", "5"]) == 2
+    assert cli.main(["evaluate", "--thin", str(cache), "--thickness", "5", "--crop", "32"]) == 2
     assert cli.main(["evaluate", "--cache", str(cache), "--split", "val", "--report", str(tmp_path / "r2")]) == 2
     assert "holds no cases" in capsys.readouterr().err

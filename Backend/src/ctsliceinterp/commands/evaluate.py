@@ -49,6 +49,8 @@ def main(args) -> int:
         return _main_cache(args, methods)
     if not args.thin or not (args.thick or args.thickness):
         raise InputError("give --thin REF and --thick REAL_THICK or --thickness MM (or --cache CACHE --split test)")
+    if args.crop is not None:
+        raise InputError("--crop applies to --cache only")
     unknown = [m for m in methods if m not in available_methods()]
     if not methods or unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(available_methods())}")
