@@ -17,14 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "Backend" / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-SHARED_DATA = Path(os.environ.get("CTSLICEINTERP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"real CT data not available: {path} is missing (set CTSLICEINTERP_SHARED_DATA to ../shared/data)")
-    return path
+from testsupport import SHARED_DATA, oblique_direction, shared_file  # noqa: E402,F401  (re-exported)
 
 
 @pytest.fixture
@@ -35,17 +28,6 @@ def shared_data():
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-def oblique_direction(angle_deg: float = 20.0, flip_y: bool = False) -> tuple:
-    """A right-handed (or flipped) oblique direction: rotations about two axes."""
-    a = np.deg2rad(angle_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(a / 2), -np.sin(a / 2), 0], [np.sin(a / 2), np.cos(a / 2), 0], [0, 0, 1]])
-    d = rz @ rx
-    if flip_y:
-        d = d @ np.diag([1, -1, 1])
-    return tuple(d.ravel())
 
 
 @pytest.fixture

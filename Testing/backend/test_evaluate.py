@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import oblique_direction
+from testsupport import oblique_direction
 from ctsliceinterp import cli
 from ctsliceinterp.acquisition import simulate_thick
 from ctsliceinterp.errors import GeometryError

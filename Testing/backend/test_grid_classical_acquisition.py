@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import oblique_direction
+from testsupport import oblique_direction
 from ctsliceinterp.acquisition import consistency_mae, reaverage, simulate_thick, slab_weights
 from ctsliceinterp.classical import interpolate_classical, interpolation_matrix
 from ctsliceinterp.errors import GeometryError, InputError

@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import oblique_direction
+from testsupport import oblique_direction
 from ctsliceinterp.errors import GeometryError, InputError
 from ctsliceinterp.io import read_volume, write_volume
 from ctsliceinterp.io.dicom import read_dicom, write_dicom_series

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import oblique_direction
+from testsupport import oblique_direction
 from ctsliceinterp.errors import InputError, OutputError
 from ctsliceinterp.io import read_volume, write_volume
 from ctsliceinterp.io.validate import label_map_reason, validate_ct

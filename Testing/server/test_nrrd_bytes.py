@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import oblique_direction
+from testsupport import oblique_direction
 from ctsliceinterp.errors import InputError
 from ctsliceinterp.nrrd_bytes import geometry_from_dict, geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_bytes
 from ctsliceinterp.volume import Volume

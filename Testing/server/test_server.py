@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, oblique_direction
+from testsupport import REPO_ROOT, oblique_direction
 from ctsliceinterp.client import (
     AuthenticationFailed,
     Client,

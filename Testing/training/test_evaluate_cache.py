@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_file
+from testsupport import shared_file
 from ctsliceinterp import cache as cache_format
 from ctsliceinterp import cli
 from ctsliceinterp.checkpoint import save_checkpoint

@@ -34,7 +34,7 @@ def dataset(tmp_path_factory, make_volume_module):
     root = tmp / "data"
     (root / "APE").mkdir(parents=True)
     (root / "non-APE").mkdir()
-    from conftest import SHARED_DATA
+    from testsupport import SHARED_DATA
 
     real = SHARED_DATA / "ape_layout" / "APE" / "case_phantom.zip"
     has_real = real.exists()
