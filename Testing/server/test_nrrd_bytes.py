@@ -169,3 +169,19 @@ def test_fuzzed_input_only_ever_raises_input_error(data):
     except InputError:
         return
     assert volume.array.ndim == 3 and all(s > 0 for s in volume.spacing)
+
+
+def test_receive_buffers_are_read_without_copy_and_late_nan_is_found(make_volume):
+    """A numpy uint8 buffer or a memoryview (the client's receive buffer) parses like bytes, and
+    the volume shares its memory; NaN far past the first check block is still refused."""
+    volume = make_volume(shape=(5, 300, 300), dtype=np.float32)
+    data = volume_to_nrrd_bytes(volume, gzip=False)
+    buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
+    for source in (buffer, memoryview(buffer)):
+        back = volume_from_nrrd_bytes(source)
+        np.testing.assert_array_equal(back.array, volume.array)
+        assert np.shares_memory(back.array, buffer) and back.array.flags.writeable
+    bad = volume.array.copy()
+    bad[-1, -1, -1] = np.inf
+    with pytest.raises(InputError, match="1 NaN or infinite"):
+        volume_from_nrrd_bytes(volume_to_nrrd_bytes(volume.replace(array=bad), gzip=False))

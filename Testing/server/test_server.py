@@ -67,6 +67,36 @@ def assert_same_volume(got, expected):
 
 
 # --- round trips ----------------------------------------------------------------------------
+def test_large_result_is_bit_identical_and_writable(shared_server, make_volume):
+    """Over 1 MiB, the client reads the body into a numpy buffer that the volume shares; the
+    upload goes as header + a view of the voxels. The float32 result must equal the in-process
+    one bit for bit."""
+    thick = make_volume(shape=(6, 160, 160), direction=oblique_direction(20)).replace(slice_thickness=5.0)
+    thin, _ = Client(shared_server.url).run(thick, {"method": "bspline", "spacing": 1.0}, poll_interval=5.0)
+    expected = interpolate(thick, InterpolationRequest(method="bspline", spacing=1.0)).volume
+    assert thin.array.nbytes > 2 * 1024 * 1024
+    assert thin.array.dtype == expected.array.dtype == np.float32
+    np.testing.assert_array_equal(thin.array, expected.array)
+    assert thin.array.flags.writeable
+
+
+def test_long_poll_is_woken_by_the_job(start_server, make_volume):
+    """The worker notifies waiting status requests at every change, the last one being 'done'
+    (no polling timer between the job's end and the answer)."""
+    server = start_server(step_delay_seconds=0.05)
+    client = Client(server.url)
+    job_id = client.submit(make_volume(shape=(6, 32, 32)), {"method": "lanczos"})
+    job = server.manager.get(job_id)
+    seen = []
+    server.manager.watch(job, lambda: seen.append(job.state))
+    states = []
+    while not states or states[-1] not in ("done", "failed", "cancelled"):
+        start = time.monotonic()
+        states.append(client.status(job_id, wait=10)["state"])
+        assert time.monotonic() - start < 5  # answered at a change, not at the 10 s limit
+    assert states[-1] == "done" and seen and seen[-1] == "done"
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_round_trip_oblique_matches_in_process(shared_server, make_volume, compress):
     thick = make_volume(shape=(7, 20, 16), direction=oblique_direction(30, flip_y=True))

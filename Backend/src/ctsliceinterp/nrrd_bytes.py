@@ -92,22 +92,31 @@ def little_endian_array(volume: Volume) -> np.ndarray:
     return np.ascontiguousarray(volume.array, dtype=dtype)
 
 
-def volume_to_nrrd_bytes(volume: Volume, gzip: bool = True, level: int = 1) -> bytes:
-    """The volume as one attached NRRD file (gzip or raw encoding).
+def volume_to_nrrd_parts(volume: Volume, gzip: bool = True, level: int = 1) -> tuple[bytes, memoryview | bytes]:
+    """(header, payload): one attached NRRD file in two pieces, to be sent one after the other.
 
-    ``level`` 1 compresses CT about as well as 6 at a fraction of the time."""
+    Raw: the payload is a view of the array's own memory (no copy of the voxels when the array
+    is already contiguous little-endian). ``level`` 1 compresses CT about as well as 6 at a
+    fraction of the time."""
     data = little_endian_array(volume)
     header = nrrd_header(volume, "gzip" if gzip else "raw")
     if gzip:
         compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container
-        return header + compressor.compress(memoryview(data).cast("B")) + compressor.flush()
-    return header + data.tobytes()
+        return header, compressor.compress(memoryview(data).cast("B")) + compressor.flush()
+    return header, memoryview(data).cast("B")
+
+
+def volume_to_nrrd_bytes(volume: Volume, gzip: bool = True, level: int = 1) -> bytes:
+    """The volume as one attached NRRD file (gzip or raw encoding)."""
+    header, payload = volume_to_nrrd_parts(volume, gzip, level)
+    return header + payload
 
 
 # --- reading ---------------------------------------------------------------------------------
-def _split_header(data: bytes) -> tuple[list[str], int]:
-    end = data.find(b"\n\n", 0, MAX_HEADER_BYTES)
-    crlf_end = data.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+def _split_header(data: bytes | bytearray | memoryview) -> tuple[list[str], int]:
+    head = bytes(data[:MAX_HEADER_BYTES]) if isinstance(data, memoryview) else data
+    end = head.find(b"\n\n", 0, MAX_HEADER_BYTES)
+    crlf_end = head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
     if crlf_end >= 0 and (end < 0 or crlf_end < end):
         end, sep = crlf_end, 4
     else:
@@ -117,7 +126,7 @@ def _split_header(data: bytes) -> tuple[list[str], int]:
             raise InputError("the NRRD header is incomplete: no blank line ends it (truncated upload?)")
         raise InputError(f"the NRRD header is longer than {MAX_HEADER_BYTES // 1024} KiB")
     try:
-        text = data[:end].decode("ascii")
+        text = bytes(head[:end]).decode("ascii")
     except UnicodeDecodeError:
         raise InputError("the NRRD header contains non-ASCII bytes") from None
     lines = text.replace("\r\n", "\n").split("\n")
@@ -186,8 +195,12 @@ def volume_from_nrrd_bytes(data: bytes, max_voxels: int | None = None) -> Volume
 
 
 def _volume_from_nrrd_bytes(data, max_voxels: int | None) -> Volume:
-    if not isinstance(data, (bytes, bytearray)):
-        data = bytes(data)  # a bytearray is kept: the array then shares (and may write) its memory
+    if isinstance(data, np.ndarray):  # a receive buffer (uint8): the volume shares its memory
+        data = memoryview(data.reshape(-1)).cast("B")
+    if isinstance(data, memoryview):
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    elif not isinstance(data, (bytes, bytearray)):
+        data = bytes(data)  # a bytearray or writable view is kept: the array shares (and may write) its memory
     lines, offset = _split_header(data)
     fields, key_values = _parse_fields(lines)
 
@@ -244,9 +257,26 @@ def _volume_from_nrrd_bytes(data, max_voxels: int | None) -> Volume:
         geometry = Geometry((sizes[2], sizes[1], sizes[0]), spacing, origin, direction)
     except CTSliceInterpError as exc:
         raise InputError(f"invalid NRRD geometry: {exc}") from None
-    volume = Volume(array, geometry, metadata)
-    volume.check_finite()
-    return volume
+    _check_finite(array)
+    return Volume(array, geometry, metadata)
+
+
+def _check_finite(array: np.ndarray, block: int = 1 << 18) -> None:
+    """``InputError`` when a float volume holds NaN or infinity (as ``Volume.check_finite``).
+
+    Block by block into one small reused mask: about twice as fast on a large volume as one
+    ``np.isfinite`` over the whole array, which allocates a mask as big as the volume."""
+    if array.dtype.kind != "f":
+        return
+    flat = array.reshape(-1)
+    mask = np.empty(min(block, flat.size), dtype=bool)
+    for start in range(0, flat.size, block):
+        part = flat[start:start + block]
+        finite = mask[:part.size]
+        np.isfinite(part, out=finite)
+        if not finite.all():
+            bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
+            raise InputError(f"the volume contains {bad} NaN or infinite voxels")
 
 
 def _parse_geometry(fields: dict[str, str]):

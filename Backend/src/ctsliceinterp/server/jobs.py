@@ -55,6 +55,7 @@ class Job:
     result: Optional[InterpolationResult] = None
     downloaded: set = field(default_factory=set)
     cancel: threading.Event = field(default_factory=threading.Event)
+    watchers: list = field(default_factory=list)  # callables, called on any state or progress change
 
     @property
     def output_voxels(self) -> int:
@@ -155,6 +156,25 @@ class JobManager:
                 "elapsed_seconds": round((job.finished or now) - (job.started or now), 3),
             }
 
+    def watch(self, job: Job, callback) -> None:
+        """Call ``callback()`` (from any thread, so it must be thread-safe and quick) whenever the
+        job's state or progress changes, until ``unwatch``: long-polls answer at that instant."""
+        with self._lock:
+            job.watchers.append(callback)
+
+    def unwatch(self, job: Job, callback) -> None:
+        with self._lock:
+            if callback in job.watchers:
+                job.watchers.remove(callback)
+
+    @staticmethod
+    def _notify(job: Job) -> None:
+        for callback in list(job.watchers):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a gone listener must never break the job
+                pass
+
     def cancel(self, job: Job) -> None:
         """Cancel (queued or running) and purge the data; a tombstone keeps the state visible."""
         with self._lock:
@@ -169,6 +189,7 @@ class JobManager:
             job.result = None
             if job.state in (DONE, FAILED):  # nothing left to cancel: DELETE just purges
                 self._jobs.pop(job.id, None)
+        self._notify(job)
         log.info("job %s cancelled", job.id[:8])
 
     def result_part(self, job: Job, part: str) -> Optional[Volume]:
@@ -252,6 +273,7 @@ class JobManager:
                 job = self._queue.popleft()
                 job.state, job.stage, job.started = RUNNING, "starting", time.monotonic()
                 self._running = job
+            self._notify(job)
             try:
                 self._run(job)
             finally:
@@ -266,6 +288,7 @@ class JobManager:
 
         def progress(event: ProgressEvent) -> None:
             job.stage, job.done, job.total = event.stage, event.done, event.total
+            self._notify(job)
             if delay:
                 job.cancel.wait(delay)
 
@@ -290,6 +313,12 @@ class JobManager:
         self._finish(job, DONE, result, None)
 
     def _finish(self, job: Job, state: str, result: Optional[InterpolationResult], error: Optional[str]) -> None:
+        try:
+            self._finish_locked(job, state, result, error)
+        finally:
+            self._notify(job)  # the long-poll answers the instant the job is over
+
+    def _finish_locked(self, job: Job, state: str, result: Optional[InterpolationResult], error: Optional[str]) -> None:
         with self._lock:
             job.finished = time.monotonic()
             if job.cancel.is_set():  # cancelled while running: drop whatever came out
