@@ -10,7 +10,8 @@
    or a dead server; the target is 0.
 3. Overhead: the same job (50 x 512 x 512 int16, 5 mm -> 1 mm, B-spline) in process with
    `run.interpolate` and through the server with `Client.run` (raw NRRD on loopback), median
-   of a few runs, with a breakdown of where the extra time goes.
+   of alternating runs, with a breakdown of where the extra time goes, a bit-for-bit check of
+   every result, and the floor: the same bytes over a plain loopback socket in the same run.
 
 Bounded: a fixed number of requests, and --max-seconds stops everything (default 600).
 """
@@ -120,8 +121,8 @@ def load_test(clients: int, jobs_per_client: int, shape, deadline: float) -> dic
                 start = time.perf_counter()
                 try:
                     thin, _ = client.run(volumes[index], {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)
-                    if not np.allclose(thin.array, expected[index], atol=1e-3):
-                        errors.append(f"client {index}: result differs from the in-process result")
+                    if not np.array_equal(thin.array, expected[index]):
+                        errors.append(f"client {index}: result is not bit-identical to the in-process result")
                 except Exception as exc:  # noqa: BLE001 - every failure is counted
                     errors.append(f"client {index}: {type(exc).__name__}: {exc}")
                 with lock:
@@ -277,6 +278,43 @@ def fuzz_endpoint(examples: int) -> dict:
 
 
 # --- 3. overhead ---------------------------------------------------------------------------------
+def loopback_copy_seconds(up_bytes: int, down_bytes: int) -> float:
+    """The floor for any loopback transfer: ``up_bytes`` one way and ``down_bytes`` back over a
+    plain TCP socket on 127.0.0.1 (no HTTP, no parsing), each into a fresh numpy buffer as the
+    client and server do. Connection set-up included."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    up, down = np.ones(up_bytes, np.uint8), np.ones(down_bytes, np.uint8)
+
+    def receive(sock, size):
+        buffer = np.empty(size, np.uint8)
+        view, filled = memoryview(buffer), 0
+        while filled < size:
+            count = sock.recv_into(view[filled:filled + (1 << 22)])
+            if not count:
+                raise RuntimeError("loopback transfer cut short")
+            filled += count
+        return buffer
+
+    def server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            receive(conn, up_bytes)
+            conn.sendall(memoryview(down))
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=server)
+    thread.start()
+    with socket.create_connection(listener.getsockname()) as sock:
+        sock.sendall(memoryview(up))
+        receive(sock, down_bytes)
+    seconds = time.perf_counter() - start
+    thread.join()
+    listener.close()
+    return seconds
+
+
 def overhead(shape, repeats: int) -> dict:
     """In-process and server runs alternate (so load from other processes hits both alike)."""
     volume = ct_like(shape)
@@ -286,8 +324,10 @@ def overhead(shape, repeats: int) -> dict:
     try:
         client = Client(server.url)  # loopback: raw NRRD, no compression
         client.run(volume, {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)  # warm-up
-        local, remote, server_job, parts, run_calls = [], [], [], [], []
+        local, remote, server_job, parts, run_calls, floor = [], [], [], [], [], []
         for _ in range(repeats):
+            floor.append(loopback_copy_seconds(volume.array.nbytes, expected.nbytes))
+
             start = time.perf_counter()
             interpolate(volume, request)
             local.append(time.perf_counter() - start)
@@ -300,13 +340,13 @@ def overhead(shape, repeats: int) -> dict:
                 if status["state"] in ("done", "failed", "cancelled"):
                     break
             finished = time.perf_counter()
-            thin, _ = client.result(job_id)
+            thin, _ = client.result(job_id, status)
             end = time.perf_counter()
             remote.append(end - start)
             server_job.append(status["elapsed_seconds"])
             parts.append({"upload_s": uploaded - start, "wait_s": finished - uploaded, "download_s": end - finished})
-            if not np.allclose(thin.array, expected, atol=1e-3):
-                raise RuntimeError("the server result differs from the in-process result")
+            if thin.array.dtype != expected.dtype or not np.array_equal(thin.array, expected):
+                raise RuntimeError("the server result is not bit-identical to the in-process result")
             del thin
             # The plain convenience call, which is what the CLI uses.
             start = time.perf_counter()
@@ -327,6 +367,9 @@ def overhead(shape, repeats: int) -> dict:
         "server_job_seconds": round(statistics.median(server_job), 3),
         "client_run_seconds": round(run_s, 3),
         "overhead_percent": round(100 * (remote_s - local_s) / local_s, 1),
+        "loopback_floor_seconds": round(statistics.median(floor), 3),
+        "loopback_floor_percent": round(100 * statistics.median(floor) / local_s, 1),
+        "bit_identical": True,
         "client_run_overhead_percent": round(100 * (run_s - local_s) / local_s, 1),
         "breakdown_median": median_parts,
         "repeats": repeats,
@@ -366,7 +409,7 @@ def main() -> int:
         figures["fuzz"] = {"parser": fuzz_parser(200 if args.quick else 3000), "endpoint": fuzz_endpoint(50 if args.quick else 400)}
         print("fuzz:", json.dumps(figures["fuzz"]), flush=True)
     if "overhead" not in args.skip:
-        figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 7)
+        figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 9)
         print("overhead:", json.dumps(figures["overhead"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
