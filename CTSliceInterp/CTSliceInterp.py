@@ -30,7 +30,7 @@ from slicer import vtkMRMLScalarVolumeNode
 
 from CTSliceInterpLib import installer, layout, testing
 from CTSliceInterpLib.local_backend import LocalBackend, stop_shared_local_backend
-from CTSliceInterpLib.logic import DEFAULT_METHOD, InterpolationLogic, ProcessingError
+from CTSliceInterpLib.logic import CLASSICAL_FALLBACK, CLASSICAL_METHODS, DEFAULT_METHOD, InterpolationLogic, ProcessingError
 
 SETTINGS_HISTORY = "CTSliceInterp/ServerHistory"
 SETTINGS_TOKENS = "CTSliceInterp/ServerTokens"  # JSON {url: token}, in Slicer's settings only
@@ -121,7 +121,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tokenLineEdit.connect("editingFinished()", self.saveToken)
         slicer.app.connect("aboutToQuit()", self.cleanup)
 
-        self._setMethods([(_("B-spline (classical)"), DEFAULT_METHOD)])
+        self._setMethods([(_("B-spline (classical)"), CLASSICAL_FALLBACK)])
         self.ui.serverComboBox.addItems(self._serverHistory())
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
@@ -182,7 +182,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         remote = self.ui.remoteRadioButton.checked
         self.ui.remoteSettingsWidget.setVisible(remote)
-        diffusion = self._currentMethod() != DEFAULT_METHOD
+        diffusion = self._currentMethod() not in CLASSICAL_METHODS
         for widget in (self.ui.stepsSpinBox, self.ui.samplesSpinBox, self.ui.consistencyCheckBox,
                        self.ui.showUncertaintyCheckBox):
             widget.enabled = diffusion and self._run is None
@@ -201,7 +201,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentMethod(self) -> str:
         value = self.ui.methodComboBox.currentData
-        return value if value else DEFAULT_METHOD
+        return value if value else CLASSICAL_FALLBACK
 
     def _setMethods(self, methods) -> None:
         current = self._parameterNode.method if self._parameterNode else DEFAULT_METHOD
@@ -222,7 +222,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProcessingPlaceChanged(self, local) -> None:
         if self._parameterNode:
             self._parameterNode.remote = not local
-        self._setMethods([(_("B-spline (classical)"), DEFAULT_METHOD)])
+        self._setMethods([(_("B-spline (classical)"), CLASSICAL_FALLBACK)])
         self._updateButtons()
         if not local and self.ui.serverComboBox.currentText.strip():
             self.refreshMethods()

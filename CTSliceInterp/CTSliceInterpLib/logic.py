@@ -21,7 +21,9 @@ from . import layout, nodes  # noqa: E402
 from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
 from .session import ProcessingSession, ServerTarget, SessionStatus  # noqa: E402
 
-DEFAULT_METHOD = "bspline"
+# The shipped diffusion model: the local backend and `ctsliceinterp serve` serve it as "default".
+DEFAULT_METHOD = "default"
+CLASSICAL_FALLBACK = "bspline"
 # Same as ctsliceinterp.classical.CLASSICAL_METHODS (a test keeps them equal); not imported from
 # there because that module needs scipy, and the Lib must import with numpy only (Remote mode).
 CLASSICAL_METHODS = ("linear", "bspline", "lanczos")
@@ -180,7 +182,7 @@ class InterpolationLogic:
     def availableMethods(self, server: Optional[str] = None, token: Optional[str] = None, timeout: float = 10.0):
         """[(label, method)] for the method menu: B-spline plus the server's diffusion models
         (blocking: call it from a worker thread in the GUI)."""
-        methods = [("B-spline (classical)", DEFAULT_METHOD)]
+        methods = [("B-spline (classical)", CLASSICAL_FALLBACK)]
         target = self.serverTarget(server, token)
         client = target.connect()
         for model in client.models():

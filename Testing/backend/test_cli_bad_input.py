@@ -31,7 +31,7 @@ def run_refused(capsys, source: Path, out: Path, *extra: str, pattern: str) -> s
     """Run ``interpolate`` and check the four promises; return stderr."""
     before = tree_digest(source) if source.exists() else None
     listing = sorted(out.parent.rglob("*"))
-    code = main(["interpolate", str(source), "-o", str(out), "--no-progress", *extra])
+    code = main(["interpolate", str(source), "-o", str(out), "--method", "bspline", "--no-progress", *extra])
     err = capsys.readouterr().err
     assert code != 0
     assert err.startswith("ctsliceinterp: error:") and "Traceback" not in err
@@ -165,7 +165,7 @@ def test_existing_dicom_output_folder_is_not_replaced(capsys, tmp_path):
     (tmp_path / "patient").mkdir()
     (tmp_path / "patient" / "keep.txt").write_text("mine")
     before = tree_digest(tmp_path / "patient")
-    code = main(["interpolate", str(source), "-o", str(tmp_path / "patient") + "/", "--no-progress"])
+    code = main(["interpolate", str(source), "-o", str(tmp_path / "patient") + "/", "--method", "bspline", "--no-progress"])
     assert code != 0 and "exists and is not empty" in capsys.readouterr().err
     assert tree_digest(tmp_path / "patient") == before
 
@@ -179,7 +179,7 @@ def test_good_dicom_zip_to_dicom_series(capsys, tmp_path):
         for path in sorted((tmp_path / "c").rglob("*.dcm")):
             z.write(path, path.relative_to(tmp_path / "c").as_posix())
     before = tree_digest(archive)
-    code = main(["interpolate", str(archive), "--series", "thick", "-o", str(tmp_path / "thin_series"), "--no-progress"])
+    code = main(["interpolate", str(archive), "--series", "thick", "-o", str(tmp_path / "thin_series"), "--method", "bspline", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     thin = read_volume(tmp_path / "thin_series")
     assert thin.shape == (16, 10, 12) and thin.spacing[2] == pytest.approx(1.0)

@@ -135,7 +135,7 @@ def test_reference_target_round_trip_and_cli_path(shared_server, make_volume, tm
     token_file = tmp_path / "token"
     token_file.write_text("unused-on-a-token-less-server\n")
     assert main(["interpolate", str(source), "-o", str(out), "--server", shared_server.url, "--token-file", str(token_file), "--no-progress"]) == 0
-    assert_same_volume(read_volume(str(out)), interpolate(read_volume(str(source)), InterpolationRequest()).volume)
+    assert_same_volume(read_volume(str(out)), interpolate(read_volume(str(source)), InterpolationRequest(method="bspline")).volume)
     del sitk
 
 
@@ -418,7 +418,7 @@ def test_tls_round_trip_and_untrusted_certificate(start_server, tmp_path, make_v
     assert server.url.startswith("https://")
     thick = make_volume(shape=(4, 10, 10), direction=oblique_direction(10))
     thin, _ = Client(server.url, token=TOKEN, ca_file=str(cert)).run(thick, {"spacing": 2.5}, poll_interval=0.1)
-    assert_same_volume(thin, interpolate(thick, InterpolationRequest(spacing=2.5)).volume)
+    assert_same_volume(thin, interpolate(thick, InterpolationRequest(method="bspline", spacing=2.5)).volume)
     with pytest.raises(ServerUnreachable, match="certificate"):
         Client(server.url, token=TOKEN, retries=0).health()
     with pytest.raises(ServerUnreachable):  # plain HTTP to a TLS port: an error, not a hang

@@ -447,7 +447,9 @@ def _describe(error: Optional[BaseException]) -> str:
 # --- the CLI's entry --------------------------------------------------------------------------
 def request_params(request) -> dict:
     """Job parameters from an ``run.InterpolationRequest`` (only what the server accepts)."""
-    params: dict[str, Any] = {"method": request.method, "spacing": request.spacing}
+    params: dict[str, Any] = {"spacing": request.spacing}
+    if request.method:  # empty: the server's own default (its model, or B-spline)
+        params["method"] = request.method
     if request.target is not None:
         params["target"] = geometry_to_dict(request.target)
     for key in ("model", "steps", "sampler", "seed"):
@@ -473,4 +475,4 @@ def interpolate_remote(url, volume, request, token_file=None, token=None, progre
     thin = thin.replace(**{**local, **thin.metadata})
     if uncertainty is not None:
         uncertainty = uncertainty.replace(**{**local, **uncertainty.metadata})
-    return InterpolationResult(thin, uncertainty, seconds=time.perf_counter() - start, method=request.method)
+    return InterpolationResult(thin, uncertainty, seconds=time.perf_counter() - start, method=request.method or "server default")

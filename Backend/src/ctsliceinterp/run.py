@@ -14,8 +14,23 @@ from .progress import ProgressCallback, as_reporter
 from .volume import Geometry, Volume
 
 DIFFUSION_METHOD = "diffusion"
-# Classical until a default model ships with the package (issue 7).
-DEFAULT_METHOD = "bspline"
+DEFAULT_MODEL = "default"  # the model shipped in ctsliceinterp/models/weights/default
+CLASSICAL_FALLBACK = "bspline"
+
+
+def shipped_model_available(name: str = DEFAULT_MODEL) -> bool:
+    """True when the package carries the named model's weights (checked without importing torch)."""
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parent / "models" / "weights" / name / "model.json").is_file()
+
+
+def default_method() -> str:
+    """The shipped diffusion model when its weights are installed, else B-spline."""
+    return DIFFUSION_METHOD if shipped_model_available() else CLASSICAL_FALLBACK
+
+
+DEFAULT_METHOD = default_method()
 
 
 @dataclass

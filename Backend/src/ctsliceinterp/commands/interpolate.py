@@ -45,7 +45,8 @@ def build_request(args, reference_geometry=None):
 
         raise InputError("--uncertainty needs --samples 2 or more")
     return InterpolationRequest(
-        method=args.method or DEFAULT_METHOD,
+        # On a server without --method, the server's default applies (its model, or B-spline).
+        method=args.method or ("" if args.server else DEFAULT_METHOD),
         spacing=args.spacing,
         target=reference_geometry,
         model=args.model,

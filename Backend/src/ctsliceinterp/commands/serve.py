@@ -14,7 +14,8 @@ DEFAULT_PORT = 8000
 def configure_parser(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="diffusion model to serve and keep loaded (repeatable)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="diffusion model to serve and keep loaded (repeatable; default: the shipped model 'default')")
+    parser.add_argument("--no-default-model", action="store_true", help="without --model, serve the classical methods only")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for diffusion models (default auto)")
     parser.add_argument("--token-file", metavar="F", help="file whose first line is the bearer token (or set CTSLICEINTERP_TOKEN)")
     parser.add_argument("--ssl-certfile", metavar="F", help="TLS certificate (PEM); serve HTTPS")
@@ -38,6 +39,7 @@ def main(args) -> int:
     import uvicorn
 
     from ..errors import InputError
+    from ..run import DEFAULT_MODEL, shipped_model_available
     from ..io.atomic import atomic_file
     from ..server import ServerConfig, create_app
     from ..server.auth import check_bind_allowed, read_token
@@ -56,8 +58,11 @@ def main(args) -> int:
         raise InputError("--max-upload-mb must be > 0 and --queue-size >= 1")
 
     logging.getLogger("ctsliceinterp.server").setLevel(args.log_level.upper())
+    models = list(args.model)
+    if not models and not args.no_default_model and shipped_model_available():
+        models = [DEFAULT_MODEL]
     config = ServerConfig(
-        host=args.host, port=args.port, token=token, models=list(args.model), device=args.device,
+        host=args.host, port=args.port, token=token, models=models, device=args.device,
         max_upload_bytes=int(args.max_upload_mb * MiB), queue_size=args.queue_size, result_ttl_seconds=args.result_ttl,
     )
     app = create_app(config)

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .. import __version__
 from ..errors import CTSliceInterpError
 from ..nrrd_bytes import little_endian_array, nrrd_header, volume_from_nrrd_bytes, volume_to_nrrd_bytes
-from ..run import DIFFUSION_METHOD, target_geometry
+from ..run import CLASSICAL_FALLBACK, DIFFUSION_METHOD, target_geometry
 from .auth import token_matches
 from .config import ServerConfig
 from .jobs import DONE, FINISHED, Job, JobManager, QueueFull
@@ -151,7 +151,8 @@ def create_app(config: ServerConfig, registry: Optional[ModelRegistry] = None) -
             else:
                 data, params_text = body, request.headers.get(PARAMS_HEADER) or request.query_params.get("params")
             del body
-            job_request = request_from_params(parse_params(params_text), registry.device)
+            default_method = DIFFUSION_METHOD if registry.default_name() else CLASSICAL_FALLBACK
+            job_request = request_from_params(parse_params(params_text), registry.device, default_method)
             volume = await run_in_threadpool(volume_from_nrrd_bytes, data, config.max_input_voxels)
             del data
             if volume.shape[0] < 2:

@@ -53,11 +53,13 @@ def _identifier(params: dict, key: str):
     return value
 
 
-def request_from_params(params: dict[str, Any], device: str = "auto") -> InterpolationRequest:
+def request_from_params(params: dict[str, Any], device: str = "auto", default_method: str = DEFAULT_METHOD) -> InterpolationRequest:
+    """``default_method``: used when the job names none (the server's default model, or B-spline
+    on a server that serves no model)."""
     unknown = sorted(set(params) - set(ALLOWED_FIELDS))
     if unknown:
         raise InputError(f"unknown job parameter(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(ALLOWED_FIELDS)}")
-    method = params.get("method") or DEFAULT_METHOD
+    method = params.get("method") or default_method
     if method not in available_methods():
         raise InputError(f"unknown method {str(method)[:40]!r}; choose one of {', '.join(available_methods())}")
     spacing = params.get("spacing", DEFAULT_SPACING_MM)
