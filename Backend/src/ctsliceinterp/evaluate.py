@@ -164,16 +164,19 @@ def evaluate_methods(
     progress=None,
     keep_outputs: bool = True,
     on_result=None,
+    interpolator=None,
 ) -> Evaluation:
     """Run each method on ``case.thick`` onto the reference's slice positions and score it.
 
-    ``options``: extra ``InterpolationRequest`` fields (model, steps, sampler, device, seed...)."""
+    ``options``: extra ``InterpolationRequest`` fields (model, steps, sampler, device, seed...).
+    ``interpolator``: an already-loaded diffusion model, so that evaluating many cases loads it
+    once (and its time is the interpolation only)."""
     evaluation = Evaluation(case)
     if case.kind == "real pair":
         evaluation.reference_consistency_mae_hu = consistency_mae(case.thick, case.reference, case.thickness)
     for method in methods:
         request = InterpolationRequest(method=method, target=case.reference.geometry, **dict(options or {}))
-        result = interpolate(case.thick, request, progress=progress)
+        result = interpolate(case.thick, request, progress=progress, interpolator=interpolator)
         output = result.volume
         if output.shape != case.reference.shape or not np.allclose(
             output.geometry.slice_positions(), case.reference.geometry.slice_positions(), atol=POSITION_TOLERANCE_MM

@@ -51,6 +51,7 @@ from .evaluate import (
 )
 from .evaluate import write_json as write_case_json
 from .io.atomic import atomic_file
+from .run import DEFAULT_MODEL, DIFFUSION_METHOD
 from .volume import Geometry, Volume
 
 SCORE_KEYS = [key for key, _, _ in COLUMNS]
@@ -144,10 +145,17 @@ def evaluate_split(
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     report = SplitReport(str(cache), split, methods, [], crop)
+    interpolator = None
+    if DIFFUSION_METHOD in methods:  # load the model once for the whole split
+        from .pipeline import Interpolator
+
+        opts = dict(options or {})
+        interpolator = Interpolator.load(opts.get("model") or DEFAULT_MODEL, device=opts.get("device", "auto"))
     for case in cases:
         outcome = CaseOutcome(case.key, str(case.manifest.get("origin", "")))
         try:
-            evaluation = evaluate_methods(evaluation_case(case, crop), methods, options, progress=progress, keep_outputs=figures)
+            evaluation = evaluate_methods(evaluation_case(case, crop), methods, options, progress=progress, keep_outputs=figures,
+                                          interpolator=interpolator)
             folder = report_dir / "cases" / case.key
             folder.mkdir(parents=True, exist_ok=True)
             write_case_json(evaluation, folder / "scores.json", {"cache_case": case.key, "crop": crop})
@@ -239,7 +247,7 @@ def summary_markdown(report: SplitReport, command: str = "", figure_names: Itera
         "thick - output re-averaged by the slab model|",
         f"- machine: {machine['cpu_count']} CPU cores, {machine.get('memory_gib', '?')} GiB, {machine['processor']}, "
         f"{'GPU ' + str(machine['cuda']) if machine.get('cuda') else 'no GPU used'}; times are the interpolation only "
-        "(for diffusion they include loading the model, once per case)",
+        "(the diffusion model is loaded once, before the first case)",
     ]
     if report.crop:
         lines.append(f"- **in-plane crop**: a centred {report.crop} x {report.crop} crop of every case (a quick look; "
