@@ -193,3 +193,26 @@ def test_good_dicom_zip_to_dicom_series(capsys, tmp_path):
     assert like.shape == (16, 10, 12) and like.origin == pytest.approx((-10.0, 20.0, 100.0))
     code = main(["info", str(archive), "--series", "thin"])
     assert code == 0 and "16" in capsys.readouterr().out
+
+
+def test_uncertainty_with_a_classical_method_is_refused_not_ignored(tmp_path, capsys):
+    from ctsliceinterp.io import write_volume
+    from ctsliceinterp.volume import Volume
+
+    source = tmp_path / "thick.nrrd"
+    write_volume(Volume.from_array(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8) - 1000, spacing=(1, 1, 5)), source)
+    code = main(["interpolate", str(source), "-o", str(tmp_path / "out.nrrd"), "--method", "bspline",
+                 "--samples", "2", "--uncertainty", str(tmp_path / "std.nrrd"), "--no-progress"])
+    assert code != 0
+    assert "need the diffusion method" in capsys.readouterr().err
+    assert not (tmp_path / "out.nrrd").exists() and not (tmp_path / "std.nrrd").exists()
+
+
+def test_model_options_without_method_select_diffusion():
+    from ctsliceinterp.cli import build_parser
+    from ctsliceinterp.commands.interpolate import build_request
+
+    args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "some/checkpoint"])
+    assert build_request(args).method == "diffusion"
+    args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--server", "http://127.0.0.1:1"])
+    assert build_request(args).method == ""  # the server's own default

@@ -248,3 +248,22 @@ def test_cli_interpolates_with_a_tiny_checkpoint(tmp_path, make_volume):
     np.testing.assert_allclose(thin.geometry.spacing, expected.spacing, atol=1e-5)
     assert consistency_mae(thick, thin) <= 1.0
     assert read_volume(tmp_path / "std.nrrd").shape == expected.shape
+
+
+def test_consistency_correction_leaves_an_exact_ramp_exact_at_the_ends():
+    """Partly covered end slabs must not be matched: their measured mean includes tissue beyond
+    the output grid. A linear ramp is reproduced exactly by linear interpolation; the correction
+    must keep it exact, the first and last slices included."""
+    from ctsliceinterp.acquisition import simulate_thick
+    from ctsliceinterp.classical import interpolate_classical
+    from ctsliceinterp.grid import thin_grid
+    from ctsliceinterp.pipeline import consistency_correction
+    from ctsliceinterp.volume import Volume
+
+    z = np.arange(60, dtype=np.float32)
+    truth = Volume.from_array(np.broadcast_to(10 * z[:, None, None], (60, 4, 4)).copy(), spacing=(1.0, 1.0, 1.0))
+    thick = simulate_thick(truth, 5.0)
+    target = thin_grid(thick.geometry, 1.0)
+    linear = interpolate_classical(thick, target, "linear")
+    corrected, _ = consistency_correction(linear.array, target, thick.array, thick.geometry, 5.0)
+    assert np.abs(corrected - linear.array).max() < 1e-2

@@ -185,3 +185,20 @@ def test_receive_buffers_are_read_without_copy_and_late_nan_is_found(make_volume
     bad[-1, -1, -1] = np.inf
     with pytest.raises(InputError, match="1 NaN or infinite"):
         volume_from_nrrd_bytes(volume_to_nrrd_bytes(volume.replace(array=bad), gzip=False))
+
+
+def test_scanner_xyz_space_is_read_as_itk_reads_it(tmp_path):
+    """ITK (and so the CLI's file reader) treats scanner-xyz as LPS; the upload parser must agree."""
+    import SimpleITK as sitk
+
+    from ctsliceinterp.nrrd_bytes import volume_from_nrrd_bytes
+
+    data = np.arange(2 * 3 * 4, dtype=np.int16).tobytes()
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: scanner-xyz\nsizes: 4 3 2\n"
+              "space directions: (1,0,0) (0,1,0) (0,0,2)\nspace origin: (1,2,3)\nendian: little\nencoding: raw\n\n")
+    path = tmp_path / "scanner.nrrd"
+    path.write_bytes(header.encode() + data)
+    ours = volume_from_nrrd_bytes(path.read_bytes())
+    image = sitk.ReadImage(str(path))
+    assert ours.origin == pytest.approx(image.GetOrigin())
+    assert ours.direction == pytest.approx(image.GetDirection())

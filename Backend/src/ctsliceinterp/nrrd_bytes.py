@@ -39,7 +39,8 @@ _WRITE_TYPES = {"i1": "int8", "u1": "uint8", "i2": "int16", "u2": "uint16", "i4"
 # Spaces we accept, and the sign flip that takes them to LPS.
 _SPACES = {
     "left-posterior-superior": (1, 1, 1), "lps": (1, 1, 1), "3d-left-handed": None,
-    "right-anterior-superior": (-1, -1, 1), "ras": (-1, -1, 1), "scanner-xyz": (-1, -1, 1), "3d-right-handed": (-1, -1, 1),
+    # scanner-xyz and 3D-right-handed are read as LPS, as ITK (and so our file reader) does.
+    "right-anterior-superior": (-1, -1, 1), "ras": (-1, -1, 1), "scanner-xyz": (1, 1, 1), "3d-right-handed": (1, 1, 1),
     "left-anterior-superior": (1, -1, 1), "las": (1, -1, 1),
 }
 _VECTOR = re.compile(r"\(\s*([^()]*?)\s*\)")

@@ -155,13 +155,16 @@ def consistency_correction(
     A (n_thick, n_thin) is the acquisition model (slab means). Each iteration re-averages the
     thin volume, takes the residual r = thick - A @ thin and adds pinv(A) @ r, the smallest
     change that explains it (for non-overlapping slabs: the slab's residual spread evenly over
-    its thin slices). Stops when the mean |r| <= ``tolerance_hu``. Only slabs whose centre lies
-    within the thin coverage are used. Returns the corrected volume and the residual history."""
+    its thin slices). Stops when the mean |r| <= ``tolerance_hu``. Only slabs fully inside the thin
+    coverage are used (as in ``acquisition.consistency_mae``): a partly covered slab's measured
+    mean includes tissue outside the output, so matching it would push error into the end slices.
+    Returns the corrected volume and the residual history."""
     reporter = reporter or Reporter()
     pos = thin_geometry.slice_positions()
     spacing = thin_geometry.slice_spacing
     centres = thick_geometry.slice_positions()
-    inside = (centres >= pos[0] - spacing / 2 - 1e-6) & (centres <= pos[-1] + spacing / 2 + 1e-6)
+    lo, hi = pos[0] - spacing / 2 - 1e-6, pos[-1] + spacing / 2 + 1e-6
+    inside = (centres - thickness / 2 >= lo) & (centres + thickness / 2 <= hi)
     out = np.array(thin, dtype=np.float32, copy=True)
     if not np.any(inside):
         return out, []

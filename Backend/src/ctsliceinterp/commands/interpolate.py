@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..grid import DEFAULT_SPACING_MM
+from ..classical import CLASSICAL_METHODS
 from ..run import DEFAULT_METHOD, available_methods
 from .common import TqdmProgress, add_input_arguments
 
@@ -34,19 +35,21 @@ def configure_parser(parser) -> None:
 
 
 def build_request(args, reference_geometry=None):
+    from ..errors import InputError
     from ..run import InterpolationRequest
 
     if args.samples < 1:
-        from ..errors import InputError
-
         raise InputError("--samples must be at least 1")
+    # Model options without --method mean the diffusion method. On a server without --method,
+    # the server's own default applies (its model, or B-spline).
+    wants_model = args.model or args.steps or args.sampler or args.samples > 1 or args.uncertainty
+    method = args.method or ("diffusion" if wants_model else ("" if args.server else DEFAULT_METHOD))
+    if method in CLASSICAL_METHODS and (args.uncertainty or args.samples > 1):
+        raise InputError(f"--samples and --uncertainty need the diffusion method, not {method}")
     if args.uncertainty and args.samples < 2:
-        from ..errors import InputError
-
         raise InputError("--uncertainty needs --samples 2 or more")
     return InterpolationRequest(
-        # On a server without --method, the server's default applies (its model, or B-spline).
-        method=args.method or ("" if args.server else DEFAULT_METHOD),
+        method=method,
         spacing=args.spacing,
         target=reference_geometry,
         model=args.model,
