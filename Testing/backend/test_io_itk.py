@@ -138,3 +138,22 @@ def test_atomic_outputs_get_normal_permissions_not_private_temp_ones(tmp_path):
     assert stat.S_IMODE((tmp_path / "out.nrrd").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "series" / "a.dcm").stat().st_mode) == 0o644
+
+
+def test_sheared_grid_is_refused_for_nifti_but_kept_by_nrrd(tmp_path):
+    import numpy as np
+    import pytest
+
+    from ctsliceinterp.errors import OutputError
+    from ctsliceinterp.io import read_volume, write_volume
+    from ctsliceinterp.volume import Volume
+
+    tilt = np.deg2rad(15)
+    direction = (1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt))  # k axis tilted towards j
+    volume = Volume.from_array(np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5) - 1000, (0.5, 0.5, 5.0),
+                               (1.0, 2.0, 3.0), direction)
+    with pytest.raises(OutputError, match="not orthogonal"):
+        write_volume(volume, tmp_path / "tilted.nii.gz")
+    assert not any(tmp_path.iterdir())
+    write_volume(volume, tmp_path / "tilted.nrrd")
+    assert np.allclose(read_volume(tmp_path / "tilted.nrrd").direction, direction, atol=1e-6)

@@ -67,7 +67,18 @@ def _label_map_header(header: dict) -> str | None:
 
 
 def write_itk(volume: Volume, path: str, compress: bool = True) -> None:
-    """Write with SimpleITK; float data that is integral in HU range is stored as int16."""
+    """Write with SimpleITK: integer voxels keep their type, floats are stored as float32."""
+    name = str(path).lower()
+    if name.endswith((".nii", ".nii.gz")):
+        d = volume.geometry.direction_matrix
+        if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+            # NIfTI's qform/sform cannot hold a sheared grid: ITK would silently rotate it.
+            from ..errors import OutputError
+
+            raise OutputError(
+                "this volume's axes are not orthogonal (e.g. a gantry-tilted grid), which NIfTI cannot "
+                "store: write .nrrd or .mha instead"
+            )
     image = volume_to_sitk(volume, dtype=storage_dtype(volume.array))
     if volume.metadata.get("slice_thickness"):
         image.SetMetaData("slice_thickness", str(volume.metadata["slice_thickness"]))
