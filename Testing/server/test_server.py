@@ -139,10 +139,12 @@ def test_reference_target_round_trip_and_cli_path(shared_server, make_volume, tm
     del sitk
 
 
-def test_multipart_upload_like_curl(shared_server, make_volume):
+@pytest.mark.parametrize("boundary", [None, "----WebKitFormBoundary7MA4YWxkTrZu0gW"])  # httpx's own, and a browser's (mixed case)
+def test_multipart_upload_like_curl(shared_server, make_volume, boundary):
     thick = make_volume(shape=(4, 8, 8))
     files = {"volume": ("thick.nrrd", volume_to_nrrd_bytes(thick), "application/x-nrrd"), "params": (None, json.dumps({"method": "linear", "spacing": 2.5}))}
-    response = httpx.post(f"{shared_server.url}/v1/jobs", files=files)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"} if boundary else None
+    response = httpx.post(f"{shared_server.url}/v1/jobs", files=files, headers=headers)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     client = Client(shared_server.url)
@@ -239,6 +241,8 @@ def test_oversized_upload_is_refused_while_streaming(shared_server, make_volume)
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"method": "magic"}'}, 400, "unknown method"),
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"colour": 1}'}, 400, "colour"),
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"spacing": -1}'}, 400, "spacing"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": '{"spacing": 5e-324}'}, 400, "too small"),
+        (None, {**NRRD, "X-CTSliceInterp-Params": "[" * 5000}, 400, "JSON"),
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"spacing": 10}'}, 400, "nothing to interpolate"),
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"samples": 1000}'}, 400, "samples"),
         (None, {**NRRD, "X-CTSliceInterp-Params": '{"target": {"shape": [3, 9, 9], "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1,0,0,0,1,0,0,0,1]}}'}, 400, "in-plane grid"),
@@ -319,19 +323,68 @@ def test_full_queue_answers_503_with_retry_after(start_server, make_volume):
 
 
 def test_results_deleted_after_download_or_ttl(start_server):
-    server = start_server(result_ttl_seconds=0.5)
+    server = start_server(result_ttl_seconds=0.5, download_grace_seconds=0.4)
     client = Client(server.url)
     job_id = client.submit(_small(), {"spacing": 2.5})
     wait_for(lambda: client.status(job_id)["state"] == "done")
-    client.result(job_id)
+    client.result(job_id)  # reads, checks, then deletes the job at once
     with pytest.raises(JobNotFound):
         client.result(job_id)
+    # Downloaded by a client that never deletes (curl): gone after the grace time.
+    sent = client.submit(_small(), {"spacing": 2.5})
+    wait_for(lambda: client.status(sent)["state"] == "done")
+    assert httpx.get(f"{server.url}/v1/jobs/{sent}/result").status_code == 200
+    wait_for(lambda: httpx.get(f"{server.url}/v1/jobs/{sent}").status_code == 404, timeout=3)
     expired = client.submit(_small(), {"spacing": 2.5})
     wait_for(lambda: client.status(expired)["state"] == "done")
     time.sleep(0.7)
     with pytest.raises(JobNotFound):
         client.status(expired)
     assert server.manager.counts()["held"] == 0
+
+
+def test_a_dropped_download_can_be_retried(start_server, make_volume):
+    server = start_server()
+    client = Client(server.url)
+    thick = make_volume(shape=(6, 128, 128))
+    job_id = client.submit(thick, {"spacing": 1.0})
+    wait_for(lambda: client.status(job_id)["state"] == "done")
+    # The connection drops after the first bytes of a 2.6 MB result: the server has "sent" it.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /v1/jobs/{job_id}/result?encoding=raw HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    thin, _ = client.result(job_id)  # the retry still finds it
+    assert_same_volume(thin, interpolate(thick, InterpolationRequest(method="bspline", spacing=1.0)).volume)
+    assert server.manager.counts()["held"] == 0  # and the client deleted it once read
+
+
+def test_held_results_are_bounded(start_server):
+    one_result = 11 * 4 * 4 * 4  # _small() at 1 mm: 11 slices of 4x4 float32
+    server = start_server(max_held_result_bytes=int(2.5 * one_result))
+    client = Client(server.url)
+    first, second = (client.submit(_small(), {"spacing": 1.0}) for _ in range(2))
+    wait_for(lambda: client.status(second)["state"] == "done")
+    with pytest.raises(ServerBusy, match="not yet downloaded") as info:
+        client.submit(_small(), {"spacing": 1.0})  # a third would pass the limit
+    assert info.value.retry_after >= 1
+    client.result(first)  # downloaded (and deleted): room again
+    third = client.submit(_small(), {"spacing": 1.0})
+    assert server.manager.counts()["held_result_bytes"] == 2 * one_result
+    client.cancel(second)
+    client.cancel(third)
+
+
+def test_upload_timeout_is_a_client_error_not_a_raw_socket_error(make_volume):
+    """A server that accepts the connection but never reads: the upload times out."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1)  # never accept()ed
+    try:
+        client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5, retries=0)
+        start = time.monotonic()
+        with pytest.raises(ServerUnreachable, match="upload.*timed out"):
+            client.submit(make_volume(shape=(64, 256, 256), dtype=np.float32), {})  # 16 MiB: more than the socket buffers
+        assert time.monotonic() - start < 10
+    finally:
+        listener.close()
 
 
 # --- restarts and TLS -------------------------------------------------------------------------

@@ -40,6 +40,9 @@ USER_AGENT = "ctsliceinterp-client"
 # Bodies at least this large are read into a numpy buffer: numpy asks the kernel for huge
 # pages, so a 250 MB result faults in about 3x faster than into a zero-filled bytearray.
 LARGE_BODY = 1024 * 1024
+# Uploads go out in slices this size: the socket timeout then bounds each slice, not the whole
+# upload (one sendall of 200 MB over a slow link would time out however healthy the link is).
+SEND_CHUNK = 1024 * 1024
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -183,16 +186,20 @@ class Client:
         body: Optional[list] = None,
         headers: Optional[dict] = None,
         timeout: Optional[float] = None,
+        retries: Optional[int] = None,
     ) -> _Response:
         """One request, retried with backoff when the connection fails. A POST is retried only
         when it could not connect (so a job is never submitted twice). ``body``: a list of
         buffers sent one after the other (a NRRD header, then a view of the voxels: no copy)."""
         timeout = self.timeout if timeout is None else timeout
         if body is not None:
-            headers = {**(headers or {}), "Content-Length": str(sum(memoryview(part).nbytes for part in body))}
+            views = [memoryview(part).cast("B") for part in body]
+            headers = {**(headers or {}), "Content-Length": str(sum(view.nbytes for view in views))}
+            body = [view[i:i + SEND_CHUNK] for view in views for i in range(0, view.nbytes, SEND_CHUNK)]
         target = self.prefix + path
+        retries = self.retries if retries is None else retries
         last_error: Optional[BaseException] = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(min(8.0, self.backoff * 2 ** (attempt - 1)))
             conn = self._connection(timeout)
@@ -210,13 +217,13 @@ class Client:
                     continue
                 try:
                     conn.request(method, target, body=body, headers=self._headers(headers))
-                except (BrokenPipeError, ConnectionResetError) as exc:
+                except OSError as exc:  # reset, broken pipe, timeout, TLS error
                     # The server may have answered early (413, 503) and closed: read that answer.
                     response = self._early_response(conn)
                     if response is not None:
                         return response
                     if method == "POST":
-                        raise ServerUnreachable(f"the server at {self.url} closed the connection during the upload ({exc})") from None
+                        raise ServerUnreachable(f"the upload to {self.url} failed: {_describe(exc)}") from None
                     last_error = exc
                     continue
                 try:
@@ -230,7 +237,7 @@ class Client:
                 conn.close()
         raise ServerUnreachable(
             f"cannot reach the CTSliceInterp server at {self.url}: {_describe(last_error)} "
-            f"(after {self.retries + 1} attempt{'s' if self.retries else ''})"
+            f"(after {retries + 1} attempt{'s' if retries else ''})"
         )
 
     @staticmethod
@@ -321,7 +328,7 @@ class Client:
         return self._json("GET", f"{API}/jobs/{_quote(job_id)}{query}", job_id, timeout=self.timeout + wait)
 
     def result(self, job_id: str, status: Optional[dict] = None) -> tuple[Volume, Optional[Volume]]:
-        """(thin volume, uncertainty or None). The server deletes the result once downloaded.
+        """(thin volume, uncertainty or None); then deletes the job on the server.
         ``status``: the job's last status when the caller has it (saves one request)."""
         if status is None or status.get("state") != "done":
             status = self.status(job_id)
@@ -330,7 +337,14 @@ class Client:
             raise ClientError(f"job {job_id[:8]}... is {status['state']}: no result yet")
         parts = status.get("parts") or ["volume"]
         uncertainty = self._download(job_id, "uncertainty") if "uncertainty" in parts else None
-        return self._download(job_id, "volume"), uncertainty
+        thin = self._download(job_id, "volume")
+        # Read and checked: delete it now, in one try (the server keeps a sent result for a short
+        # grace time anyway, because a dropped download looks the same to it as a finished one).
+        try:
+            self._request("DELETE", f"{API}/jobs/{_quote(job_id)}", retries=0)
+        except ClientError:
+            pass
+        return thin, uncertainty
 
     def _download(self, job_id: str, part: str) -> Volume:
         encoding = "gzip" if self.compress else "raw"

@@ -23,6 +23,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload in MiB (default 512)")
     parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait; more get 503 + Retry-After (default 16)")
     parser.add_argument("--result-ttl", type=float, default=900, metavar="S", help="seconds a finished result is kept when not downloaded (default 900)")
+    parser.add_argument("--max-held-gb", type=float, default=8, help="memory for results that are queued, running or not yet downloaded; a job above gets 503 + Retry-After (default 8 GiB)")
     parser.add_argument("--ready-file", metavar="F", help="write {\"url\", \"pid\"} to F once the server accepts connections")
     parser.add_argument("--parent-pid", type=int, metavar="PID", help="exit when this process ends (for servers started by Slicer)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default info)")
@@ -54,8 +55,8 @@ def main(args) -> int:
             raise InputError(f"TLS file {path} does not exist")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be 0..65535, got {args.port}")
-    if args.max_upload_mb <= 0 or args.queue_size < 1:
-        raise InputError("--max-upload-mb must be > 0 and --queue-size >= 1")
+    if args.max_upload_mb <= 0 or args.queue_size < 1 or args.max_held_gb <= 0:
+        raise InputError("--max-upload-mb and --max-held-gb must be > 0, and --queue-size >= 1")
 
     logging.getLogger("ctsliceinterp.server").setLevel(args.log_level.upper())
     models = list(args.model)
@@ -64,6 +65,7 @@ def main(args) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, token=token, models=models, device=args.device,
         max_upload_bytes=int(args.max_upload_mb * MiB), queue_size=args.queue_size, result_ttl_seconds=args.result_ttl,
+        max_held_result_bytes=int(args.max_held_gb * 1024 * MiB),
     )
     app = create_app(config)
 
@@ -83,6 +85,7 @@ def main(args) -> int:
     uv_config = uvicorn.Config(
         app, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
         timeout_keep_alive=10, server_header=False, proxy_headers=False,
+        access_log=False,  # it would log full job ids (capabilities to a result); jobs.py logs prefixes
     )
 
     class Server(uvicorn.Server):

@@ -128,9 +128,9 @@ def create_app(config: ServerConfig, registry: Optional[ModelRegistry] = None) -
         retry_after = manager.queue_full()
         if retry_after is not None:
             raise ApiError(503, "the job queue is full; retry later", {"Retry-After": str(retry_after), "Connection": "close"})
-        content_type = request.headers.get("content-type", "application/octet-stream").lower()
-        multipart = content_type.startswith("multipart/form-data")
-        if not multipart and content_type.split(";")[0].strip() not in NRRD_TYPES:
+        content_type = request.headers.get("content-type", "application/octet-stream")  # the boundary is case-sensitive
+        multipart = content_type.lower().startswith("multipart/form-data")
+        if not multipart and content_type.split(";")[0].strip().lower() not in NRRD_TYPES:
             raise ApiError(415, f"unsupported Content-Type {content_type[:60]!r}: send NRRD bytes (application/x-nrrd) or multipart/form-data")
         async with uploads:
             try:
@@ -168,7 +168,7 @@ def create_app(config: ServerConfig, registry: Optional[ModelRegistry] = None) -
         try:
             job = manager.submit(volume, job_request, target)
         except QueueFull as exc:
-            raise ApiError(503, "the job queue is full; retry later", {"Retry-After": str(exc.retry_after)}) from None
+            raise ApiError(503, f"{exc}; retry later", {"Retry-After": str(exc.retry_after)}) from None
         return JSONResponse(
             {"id": job.id, "state": job.state, "status_url": f"/v1/jobs/{job.id}", "result_url": f"/v1/jobs/{job.id}/result"},
             status_code=202,

@@ -20,6 +20,12 @@ class ServerConfig:
     max_output_voxels: int = 2 * 1024 * 1024 * 1024 // 2  # 1 Gi voxels = 4 GiB of float32 result
     queue_size: int = 16  # jobs waiting (not counting the running one); more -> 503
     result_ttl_seconds: float = 15 * 60  # results not downloaded are deleted after this
+    # A sent result is kept this long in case the transfer broke (the client DELETEs it once it
+    # has read it): a dropped download is retried, not lost.
+    download_grace_seconds: float = 60.0
+    # Results held in memory (waiting, running and not yet downloaded jobs, by their result
+    # size); a job that would go above gets 503 + Retry-After instead of exhausting memory.
+    max_held_result_bytes: int = 8 * 1024 * MiB
     upload_idle_timeout_seconds: float = 60.0  # a stalled upload is dropped (slow-loris)
     max_concurrent_uploads: int = 4  # bounds memory held by bodies still arriving
     # Test hook: sleep this long at every progress step (to hold a real job "running"). Never set

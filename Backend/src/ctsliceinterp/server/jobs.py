@@ -1,8 +1,10 @@
 """The job queue: one worker thread per device runs jobs one at a time from a bounded queue.
 
-Everything lives in memory: the uploaded volume until its job ends, the result until it is
-downloaded or its time-to-live passes. A cancel sets the job's ``threading.Event``, which
-``run.interpolate`` checks at every unit of work (chunk or sampling step).
+Everything lives in memory: the uploaded volume until its job ends, the result until the client
+deletes it after reading it, a short grace time after it was sent, or its time-to-live. The
+results held (by size) are bounded, as the queue is. A cancel sets the job's
+``threading.Event``, which ``run.interpolate`` checks at every unit of work (chunk or sampling
+step).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ FINISHED = (DONE, FAILED, CANCELLED)
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__("the job queue is full")
+    def __init__(self, retry_after: int, reason: str = "the job queue is full"):
+        super().__init__(reason)
         self.retry_after = retry_after
 
 
@@ -54,6 +56,7 @@ class Job:
     error: Optional[str] = None
     result: Optional[InterpolationResult] = None
     downloaded: set = field(default_factory=set)
+    delete_at: Optional[float] = None  # set once every part was sent (the download grace)
     cancel: threading.Event = field(default_factory=threading.Event)
     watchers: list = field(default_factory=list)  # callables, called on any state or progress change
 
@@ -61,6 +64,12 @@ class Job:
     def output_voxels(self) -> int:
         nz, ny, nx = self.target.shape
         return nz * ny * nx * max(1, self.request.samples)
+
+    @property
+    def result_bytes(self) -> int:
+        """Memory its result takes: float32 thin volume, plus the uncertainty when samples > 1."""
+        nz, ny, nx = self.target.shape
+        return nz * ny * nx * 4 * (2 if self.request.samples > 1 else 1)
 
     @property
     def cost_key(self) -> str:
@@ -111,6 +120,13 @@ class JobManager:
             if len(self._queue) >= self.config.queue_size:
                 raise QueueFull(self._retry_after())
             job = Job(new_job_id(), request, volume, target)
+            held = self._held_result_bytes()
+            if held and held + job.result_bytes > self.config.max_held_result_bytes:
+                raise QueueFull(self._retry_after(), (
+                    f"the server holds {held / 2**30:.1f} GiB of results that are queued, running or not yet "
+                    f"downloaded; this job's {job.result_bytes / 2**30:.1f} GiB would pass its limit of "
+                    f"{self.config.max_held_result_bytes / 2**30:.1f} GiB"
+                ))
             self._jobs[job.id] = job
             self._queue.append(job)
             self._wake.notify_all()
@@ -199,13 +215,17 @@ class JobManager:
             return job.result.volume if part == "volume" else job.result.uncertainty
 
     def mark_downloaded(self, job: Job, part: str) -> None:
-        """Called after a part was sent: once every part is out, the job is deleted."""
+        """Called once a part was sent. "Sent" is not "received" (a dropped connection looks the
+        same to the server), so the result stays for the download grace time, in which a broken
+        transfer can be retried; the client's DELETE after reading it removes it at once."""
         with self._lock:
             job.downloaded.add(part)
-            if job.result is not None and set(job.parts()) <= job.downloaded:
-                job.result = None
-                self._jobs.pop(job.id, None)
-                log.info("job %s result downloaded and deleted", job.id[:8])
+            if job.result is not None and set(job.parts()) <= job.downloaded and job.delete_at is None:
+                job.delete_at = time.monotonic() + self.config.download_grace_seconds
+                log.info("job %s result sent; deleted on the client's DELETE or in %g s", job.id[:8], self.config.download_grace_seconds)
+
+    def _held_result_bytes(self) -> int:
+        return sum(job.result_bytes for job in self._jobs.values() if job.state in (QUEUED, RUNNING) or job.result is not None)
 
     def counts(self) -> dict:
         with self._lock:
@@ -215,6 +235,8 @@ class JobManager:
                 "running": int(self._running is not None),
                 "capacity": self.config.queue_size,
                 "held": len(self._jobs),
+                "held_result_bytes": self._held_result_bytes(),
+                "max_held_result_bytes": self.config.max_held_result_bytes,
                 "completed": self.completed,
             }
 
@@ -254,10 +276,11 @@ class JobManager:
         now = time.monotonic()
         ttl = self.config.result_ttl_seconds
         for job_id, job in list(self._jobs.items()):
-            if job.state in FINISHED and job.finished is not None and now - job.finished > ttl:
+            expired = job.state in FINISHED and job.finished is not None and now - job.finished > ttl
+            if expired or (job.delete_at is not None and now > job.delete_at):
                 job.result = job.volume = None
                 del self._jobs[job_id]
-                log.info("job %s expired and deleted", job_id[:8])
+                log.info("job %s %s and deleted", job_id[:8], "expired" if expired else "downloaded")
 
     # --- the worker -----------------------------------------------------------------------
     def _work(self) -> None:

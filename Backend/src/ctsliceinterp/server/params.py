@@ -28,7 +28,7 @@ def parse_params(text: str | bytes | None) -> dict:
         raise InputError(f"the job parameters are longer than {MAX_PARAMS_BYTES // 1024} KiB")
     try:
         params = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise InputError(f"the job parameters are not valid JSON: {exc}") from None
     if not isinstance(params, dict):
         raise InputError("the job parameters must be a JSON object")
