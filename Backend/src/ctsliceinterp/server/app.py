@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import zlib
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..errors import CTSliceInterpError
-from ..nrrd_bytes import little_endian_array, nrrd_header, volume_from_nrrd_bytes, volume_to_nrrd_bytes
+from ..nrrd_bytes import little_endian_array, nrrd_header, volume_from_nrrd_bytes
 from ..run import CLASSICAL_FALLBACK, DIFFUSION_METHOD, target_geometry
 from .auth import token_matches
 from .config import ServerConfig
@@ -37,6 +38,7 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 PARAMS_HEADER = "x-ctsliceinterp-params"
 NRRD_TYPES = ("application/x-nrrd", "application/octet-stream", "application/nrrd")
 STREAM_CHUNK = 256 * 1024  # fastest of 64 KiB..8 MiB on loopback: each chunk fits the socket buffer, so asyncio sends it without buffering a copy
+GZIP_SLICE = 4 * 1024 * 1024  # compressed in a worker thread slice by slice, and sent as it comes
 MAX_STATUS_WAIT = 10.0
 
 
@@ -220,11 +222,21 @@ def create_app(config: ServerConfig, registry: Optional[ModelRegistry] = None) -
             raise ApiError(404, "the result is no longer available")
         headers = {"Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{part}.nrrd"'}
         done = BackgroundTask(manager.mark_downloaded, job, part)
-        if encoding == "gzip":
-            body = await run_in_threadpool(volume_to_nrrd_bytes, volume, True)
-            return Response(body, media_type="application/x-nrrd", headers=headers, background=done)
-        header = nrrd_header(volume, "raw")
+        header = nrrd_header(volume, encoding)
         data = memoryview(little_endian_array(volume)).cast("B")
+        if encoding == "gzip":
+            # Streamed (chunked encoding): the first bytes leave at once, however large the
+            # result, so no client read times out while the whole volume is compressed.
+            async def gzip_chunks():
+                compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # level 1, gzip container
+                yield header
+                for start in range(0, len(data), GZIP_SLICE):
+                    piece = await run_in_threadpool(compressor.compress, data[start:start + GZIP_SLICE])
+                    if piece:
+                        yield piece
+                yield compressor.flush()
+
+            return StreamingResponse(gzip_chunks(), media_type="application/x-nrrd", headers=headers, background=done)
         headers["Content-Length"] = str(len(header) + len(data))
 
         async def chunks():  # no copy of the voxels: slices of the array's own memory
