@@ -11,7 +11,11 @@
 3. Overhead: the same job (50 x 512 x 512 int16, 5 mm -> 1 mm, B-spline) in process with
    `run.interpolate` and through the server with `Client.run` (raw NRRD on loopback), median
    of alternating runs, with a breakdown of where the extra time goes, a bit-for-bit check of
-   every result, and the floor: the same bytes over a plain loopback socket in the same run.
+   every result, and three floors measured in the same run: the same bytes over a plain
+   loopback socket, one copy of the result into fresh memory (the least any transport between
+   two processes costs), and one write of it into a fresh shared-memory segment.
+4. Diffusion overhead: the job users run by default (the shipped model on the bundled phantom,
+   seed 0), in process with the model loaded once and through `serve`, alternating.
 
 Bounded: a fixed number of requests, and --max-seconds stops everything (default 600).
 """
@@ -315,6 +319,33 @@ def loopback_copy_seconds(up_bytes: int, down_bytes: int) -> float:
     return seconds
 
 
+def one_copy_seconds(result: np.ndarray) -> float:
+    """The floor for any hand-off between two processes: the result copied once into fresh memory
+    (np.empty + copyto, in this process). A socket, a pipe or a file moves the result at least
+    once into memory the receiver has never touched."""
+    start = time.perf_counter()
+    np.copyto(np.empty_like(result), result)
+    return time.perf_counter() - start
+
+
+def shared_memory_seconds(result: np.ndarray) -> float:
+    """The floor for a shared-memory hand-off: the result written once into a fresh POSIX
+    shared-memory segment (what a server would do; the reader then maps it without a copy)."""
+    from multiprocessing import shared_memory
+
+    start = time.perf_counter()
+    segment = shared_memory.SharedMemory(create=True, size=result.nbytes)
+    try:
+        view = np.ndarray(result.shape, result.dtype, buffer=segment.buf)
+        np.copyto(view, result)
+        seconds = time.perf_counter() - start
+        del view
+    finally:
+        segment.close()
+        segment.unlink()
+    return seconds
+
+
 def overhead(shape, repeats: int) -> dict:
     """In-process and server runs alternate (so load from other processes hits both alike)."""
     volume = ct_like(shape)
@@ -324,9 +355,11 @@ def overhead(shape, repeats: int) -> dict:
     try:
         client = Client(server.url)  # loopback: raw NRRD, no compression
         client.run(volume, {"method": "bspline", "spacing": 1.0}, poll_interval=0.5)  # warm-up
-        local, remote, server_job, parts, run_calls, floor = [], [], [], [], [], []
+        local, remote, server_job, parts, run_calls, floor, copy, shm = [], [], [], [], [], [], [], []
         for _ in range(repeats):
             floor.append(loopback_copy_seconds(volume.array.nbytes, expected.nbytes))
+            copy.append(one_copy_seconds(expected))
+            shm.append(shared_memory_seconds(expected))
 
             start = time.perf_counter()
             interpolate(volume, request)
@@ -369,9 +402,64 @@ def overhead(shape, repeats: int) -> dict:
         "overhead_percent": round(100 * (remote_s - local_s) / local_s, 1),
         "loopback_floor_seconds": round(statistics.median(floor), 3),
         "loopback_floor_percent": round(100 * statistics.median(floor) / local_s, 1),
+        "one_copy_floor_seconds": round(statistics.median(copy), 3),
+        "one_copy_floor_percent": round(100 * statistics.median(copy) / local_s, 1),
+        "shared_memory_floor_seconds": round(statistics.median(shm), 3),
+        "shared_memory_floor_percent": round(100 * statistics.median(shm) / local_s, 1),
         "bit_identical": True,
         "client_run_overhead_percent": round(100 * (run_s - local_s) / local_s, 1),
         "breakdown_median": median_parts,
+        "repeats": repeats,
+    }
+
+
+def diffusion_overhead(repeats: int) -> dict:
+    """The job users run by default: the shipped diffusion model on the bundled phantom, in
+    process (model loaded once, as the server keeps it) and through `serve` (default model)."""
+    from ctsliceinterp.io import read_volume
+    from ctsliceinterp.pipeline import Interpolator
+
+    volume = read_volume(REPO / "samples" / "phantom_head_thick_5mm.nii.gz")
+    request = InterpolationRequest(method="diffusion", model="default", seed=0)
+    params = {"method": "diffusion", "model": "default", "spacing": 1.0, "seed": 0}
+    interpolator = Interpolator.load("default", device="cpu")
+    server = ServerProcess("--device", "cpu")
+    try:
+        client = Client(server.url)
+        local, remote, server_job, differences = [], [], [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            expected = interpolate(volume, request, interpolator=interpolator).volume.array
+            local.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            job_id = client.submit(volume, params)
+            while True:
+                status = client.status(job_id, wait=5)
+                if status["state"] in ("done", "failed", "cancelled"):
+                    break
+            thin, _ = client.result(job_id, status)
+            remote.append(time.perf_counter() - start)
+            server_job.append(status["elapsed_seconds"])
+            differences.append(float(np.max(np.abs(thin.array.astype(np.float64) - expected))))
+    finally:
+        server.stop()
+    local_s, remote_s = statistics.median(local), statistics.median(remote)
+    return {
+        "input_shape": list(volume.array.shape),
+        "output_shape": list(expected.shape),
+        "model": "default (shipped)",
+        "in_process_seconds": round(local_s, 2),
+        "in_process_seconds_all": [round(x, 2) for x in local],
+        "server_seconds": round(remote_s, 2),
+        "server_seconds_all": [round(x, 2) for x in remote],
+        "server_job_seconds": round(statistics.median(server_job), 2),
+        "overhead_seconds": round(remote_s - local_s, 3),
+        "overhead_percent": round(100 * (remote_s - local_s) / local_s, 2),
+        # Upload, queueing, status and download: the round trip less the server's own job time.
+        "transport_seconds": round(statistics.median(r - j for r, j in zip(remote, server_job)), 3),
+        "transport_percent": round(100 * statistics.median(r - j for r, j in zip(remote, server_job)) / local_s, 2),
+        "max_abs_difference_hu": max(differences),
         "repeats": repeats,
     }
 
@@ -398,10 +486,10 @@ def main() -> int:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--quick", action="store_true", help="smaller numbers (a smoke run)")
     parser.add_argument("--max-seconds", type=float, default=600)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["load", "fuzz", "overhead"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["load", "fuzz", "overhead", "diffusion"])
     args = parser.parse_args()
     deadline = time.monotonic() + args.max_seconds
-    figures = {"machine": machine(), "load": None, "fuzz": None, "overhead": None}
+    figures = {"machine": machine(), "load": None, "fuzz": None, "overhead": None, "diffusion_overhead": None}
     if "load" not in args.skip:
         figures["load"] = load_test(4 if args.quick else 20, 3, (12, 128, 128), deadline)
         print("load:", json.dumps(figures["load"]), flush=True)
@@ -411,6 +499,9 @@ def main() -> int:
     if "overhead" not in args.skip:
         figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 9)
         print("overhead:", json.dumps(figures["overhead"]), flush=True)
+    if "diffusion" not in args.skip:
+        figures["diffusion_overhead"] = diffusion_overhead(1 if args.quick else 3)
+        print("diffusion overhead:", json.dumps(figures["diffusion_overhead"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     ok = True
