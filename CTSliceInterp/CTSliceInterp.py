@@ -30,10 +30,18 @@ from slicer import vtkMRMLScalarVolumeNode
 
 from CTSliceInterpLib import installer, layout, testing
 from CTSliceInterpLib.local_backend import LocalBackend, stop_shared_local_backend
-from CTSliceInterpLib.logic import CLASSICAL_FALLBACK, CLASSICAL_METHODS, DEFAULT_METHOD, InterpolationLogic, ProcessingError
+from CTSliceInterpLib.logic import (
+    CLASSICAL_FALLBACK,
+    CLASSICAL_METHODS,
+    DEFAULT_METHOD,
+    InputError,
+    InterpolationLogic,
+    ProcessingError,
+)
 
 SETTINGS_HISTORY = "CTSliceInterp/ServerHistory"
 SETTINGS_TOKENS = "CTSliceInterp/ServerTokens"  # JSON {url: token}, in Slicer's settings only
+SETTINGS_CA_FILES = "CTSliceInterp/ServerCAFiles"  # JSON {url: CA certificate path}, likewise
 HISTORY_LENGTH = 10
 
 
@@ -73,7 +81,8 @@ class CTSliceInterpParameterNode:
     consistency: bool = True
     showUncertainty: bool = True
     # Not bound to widgets (the widget handles them): the method's value behind its label, the
-    # processing place. The token is never stored here (it would be saved with the scene).
+    # processing place. The token and the CA file are never stored here (they would be saved with
+    # the scene, and belong to the server, not to the data).
     method: str = DEFAULT_METHOD
     remote: bool = False
     serverUrl: str = ""
@@ -91,6 +100,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run = None
         self._methodsFuture = None
+        self._methodsTarget = None
         self._executor = None
         self._lastMessage = None
         self._lastState = None
@@ -119,6 +129,8 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.serverComboBox.connect("currentTextChanged(QString)", self.onServerChanged)
         self.ui.tokenLineEdit.connect("editingFinished()", self.saveToken)
+        # Emitted for acceptable paths only (its name filters); clearing is saved on the next use.
+        self.ui.caFilePathLineEdit.connect("currentPathChanged(QString)", self.saveCaFile)
         slicer.app.connect("aboutToQuit()", self.cleanup)
 
         self._setMethods([(_("B-spline (classical)"), CLASSICAL_FALLBACK)])
@@ -231,9 +243,12 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.serverUrl = text.strip()
         self.ui.tokenLineEdit.text = self._tokens().get(text.strip(), "")
+        wasBlocked = self.ui.caFilePathLineEdit.blockSignals(True)  # loading is not a change to save
+        self.ui.caFilePathLineEdit.currentPath = self._caFiles().get(text.strip(), "")
+        self.ui.caFilePathLineEdit.blockSignals(wasBlocked)
         self._updateButtons()
 
-    # --- settings (server history and tokens: never in the scene) ------------------------------
+    # --- settings (server history, tokens, CA files: never in the scene) -------------------------
     def _serverHistory(self):
         history = slicer.app.settings().value(SETTINGS_HISTORY) or []
         return [history] if isinstance(history, str) else list(history)
@@ -242,23 +257,41 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         history = [url] + [u for u in self._serverHistory() if u != url]
         slicer.app.settings().setValue(SETTINGS_HISTORY, history[:HISTORY_LENGTH])
 
-    def _tokens(self) -> dict:
+    @staticmethod
+    def _perServer(key) -> dict:
         try:
-            return json.loads(slicer.app.settings().value(SETTINGS_TOKENS) or "{}")
+            return json.loads(slicer.app.settings().value(key) or "{}")
         except ValueError:
             return {}
 
-    def saveToken(self) -> None:
+    def _savePerServer(self, key, value) -> None:
         url = self.ui.serverComboBox.currentText.strip()
         if url:
-            tokens = self._tokens()
-            tokens[url] = self.ui.tokenLineEdit.text.strip()
-            slicer.app.settings().setValue(SETTINGS_TOKENS, json.dumps(tokens))
+            values = self._perServer(key)
+            if value:
+                values[url] = value
+            else:
+                values.pop(url, None)
+            slicer.app.settings().setValue(key, json.dumps(values))
+
+    def _tokens(self) -> dict:
+        return self._perServer(SETTINGS_TOKENS)
+
+    def saveToken(self) -> None:
+        self._savePerServer(SETTINGS_TOKENS, self.ui.tokenLineEdit.text.strip())
+
+    def _caFiles(self) -> dict:
+        return self._perServer(SETTINGS_CA_FILES)
+
+    def saveCaFile(self) -> None:
+        self._savePerServer(SETTINGS_CA_FILES, self.ui.caFilePathLineEdit.currentPath.strip())
 
     def _server(self):
+        """(url, token, CA file) for remote processing; (None, None, None) for local."""
         if not self.ui.remoteRadioButton.checked:
-            return None, None
-        return self.ui.serverComboBox.currentText.strip(), self.ui.tokenLineEdit.text.strip() or None
+            return None, None, None
+        return (self.ui.serverComboBox.currentText.strip(), self.ui.tokenLineEdit.text.strip() or None,
+                self.ui.caFilePathLineEdit.currentPath.strip() or None)
 
     # --- messages ------------------------------------------------------------------------------
     def _log(self, text: str, error: bool = False) -> None:
@@ -293,16 +326,23 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshMethods(self) -> None:
         if self._methodsFuture is not None:
             return
-        server, token = self._server()
+        server, token, caFile = self._server()
         if server is None and not installer.plan_install().empty:
             self._log(_("Diffusion models appear here once the local backend is installed (on first Interpolate)."))
             return
         if server:
             self.saveToken()
+            self.saveCaFile()
+        try:
+            self._methodsTarget = self.logic.serverTarget(server, token, caFile)  # a bad CA file is told now
+        except InputError as exc:
+            self._log(_("Could not list the models: {error}").format(error=exc), error=True)
+            return
+        if server:
             self._log(_("Contacting {server}...").format(server=server))
         else:
             self._log(_("Starting the local backend and listing its models..."))
-        self._methodsFuture = self._executor.submit(self.logic.availableMethods, server, token)
+        self._methodsFuture = self._executor.submit(self.logic.availableMethods, server, token, caFile=caFile)
         self._timer.start()
 
     def _checkMethodsFuture(self) -> None:
@@ -312,12 +352,11 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # noqa: BLE001 - shown to the user
             from CTSliceInterpLib.session import describe_error
 
-            server, token = self._server()
-            message = describe_error(exc, self.logic.serverTarget(server, token))
+            message = describe_error(exc, self._methodsTarget)
             self._log(_("Could not list the models: {error}").format(error=message), error=True)
             return
         self._setMethods(methods)
-        server, _token = self._server()
+        server = self._server()[0]
         if server:
             self._rememberServer(server)
         count = len(methods) - 1
@@ -330,7 +369,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             self._log(_("Cancelling..."))
             return
-        server, token = self._server()
+        server, token, caFile = self._server()
         if server is None and not self._ensureLocalBackendInstalled():
             return
         p = self._parameterNode
@@ -338,13 +377,14 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.start(
                 p.inputVolume, p.outputVolume, spacing=p.spacing, method=self._currentMethod(),
                 steps=p.steps or None, samples=p.samples, consistency=p.consistency, server=server, token=token,
-                showUncertainty=p.showUncertainty,
+                showUncertainty=p.showUncertainty, caFile=caFile,
             )
         except Exception as exc:  # noqa: BLE001 - bad input: a clear message, nothing created
             self._log(str(exc), error=True)
             return
         if server:
             self.saveToken()
+            self.saveCaFile()
             self._rememberServer(server)
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.value = 0
@@ -403,7 +443,8 @@ class CTSliceInterpLogic(ScriptedLoadableModuleLogic, InterpolationLogic):
         return CTSliceInterpParameterNode(super().getParameterNode())
 
     def process(self, inputVolume, outputVolume=None, spacing=1.0, method=DEFAULT_METHOD, steps=None, samples=1,
-                consistency=True, server=None, token=None, blocking=True, progressCallback=None, **kwargs):
+                consistency=True, server=None, token=None, blocking=True, progressCallback=None, caFile=None,
+                **kwargs):
         def keepPainting(status):
             if progressCallback is not None:
                 progressCallback(status)
@@ -412,7 +453,7 @@ class CTSliceInterpLogic(ScriptedLoadableModuleLogic, InterpolationLogic):
         return InterpolationLogic.process(
             self, inputVolume, outputVolume, spacing=spacing, method=method, steps=steps, samples=samples,
             consistency=consistency, server=server, token=token, blocking=blocking,
-            progressCallback=keepPainting if blocking else progressCallback, **kwargs)
+            progressCallback=keepPainting if blocking else progressCallback, caFile=caFile, **kwargs)
 
 
 #

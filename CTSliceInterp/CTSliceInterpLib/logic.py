@@ -19,7 +19,7 @@ from ctsliceinterp.errors import CTSliceInterpError, InputError  # noqa: E402
 
 from . import layout, nodes  # noqa: E402
 from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
-from .session import ProcessingSession, ServerTarget, SessionStatus  # noqa: E402
+from .session import ProcessingSession, ServerTarget, SessionStatus, check_ca_file  # noqa: E402
 
 # The shipped diffusion model: the local backend and `ctsliceinterp serve` serve it as "default".
 DEFAULT_METHOD = "default"
@@ -102,15 +102,21 @@ class InterpolationLogic:
         if self.localBackend is not None:
             self.localBackend.stop()
 
-    def serverTarget(self, server: Optional[str] = None, token: Optional[str] = None) -> ServerTarget:
+    def serverTarget(self, server: Optional[str] = None, token: Optional[str] = None,
+                     caFile: Optional[str] = None) -> ServerTarget:
+        """The local backend (``server`` empty) or the server at ``server``. ``caFile``: a PEM file
+        with the server's certificate or its CA, for a self-signed or private-CA certificate
+        (ignored for the local backend); a missing or unusable file raises ``InputError``."""
         if server:
-            return ServerTarget(url=server.strip(), token=token)
+            caFile = (caFile or "").strip()
+            return ServerTarget(url=server.strip(), token=token, ca_file=check_ca_file(caFile) if caFile else None)
         return ServerTarget(local=self.getLocalBackend())
 
     # --- processing -----------------------------------------------------------------------
     def start(self, inputVolume, outputVolume=None, spacing: float = 1.0, method: str = DEFAULT_METHOD,
               steps=None, samples: int = 1, consistency: bool = True, server: Optional[str] = None,
-              token: Optional[str] = None, seed=None, showResult: bool = True, showUncertainty: bool = True) -> Run:
+              token: Optional[str] = None, seed=None, showResult: bool = True, showUncertainty: bool = True,
+              caFile: Optional[str] = None) -> Run:
         """Check the inputs and start a run in the background; returns at once.
 
         Bad input raises ``InputError`` here, before anything is sent or created."""
@@ -122,7 +128,8 @@ class InterpolationLogic:
             raise InputError(f"the output '{outputVolume.GetName()}' must be a scalar volume")
         volume, target = nodes.prepare_input(inputVolume, spacing)
         params = job_parameters(method, spacing, steps, samples, consistency, seed)
-        session = ProcessingSession(volume, params, self.serverTarget(server, token), expected=target).start()
+        where = self.serverTarget(server, token, caFile)
+        session = ProcessingSession(volume, params, where, expected=target).start()
         return Run(session, inputVolume, outputVolume, float(spacing), showResult, showUncertainty)
 
     def finish(self, run: Run):
@@ -161,15 +168,16 @@ class InterpolationLogic:
                 steps=None, samples: int = 1, consistency: bool = True, server: Optional[str] = None,
                 token: Optional[str] = None, blocking: bool = True,
                 progressCallback: Optional[Callable[[SessionStatus], None]] = None, seed=None,
-                showResult: bool = True, timeout: Optional[float] = None):
+                showResult: bool = True, timeout: Optional[float] = None, caFile: Optional[str] = None):
         """Interpolate ``inputVolume`` onto ``spacing`` mm slices.
 
         ``server=None`` runs on the local backend (started on first use and kept warm);
-        ``server="https://host:8000"`` (with ``token``) runs remotely. With ``blocking=True``
+        ``server="https://host:8000"`` (with ``token``, and ``caFile`` for a self-signed or
+        private-CA certificate) runs remotely. With ``blocking=True``
         (console, scripts) it waits and returns the output node; with ``blocking=False`` it
         returns a ``Run`` to poll (``run.poll()``) and hand to ``finish(run)`` once finished."""
         run = self.start(inputVolume, outputVolume, spacing, method, steps, samples, consistency, server, token,
-                         seed, showResult)
+                         seed, showResult, caFile=caFile)
         if not blocking:
             return run
         try:
@@ -179,11 +187,12 @@ class InterpolationLogic:
             raise
         return self.finish(run)
 
-    def availableMethods(self, server: Optional[str] = None, token: Optional[str] = None, timeout: float = 10.0):
+    def availableMethods(self, server: Optional[str] = None, token: Optional[str] = None, timeout: float = 10.0,
+                         caFile: Optional[str] = None):
         """[(label, method)] for the method menu: B-spline plus the server's diffusion models
         (blocking: call it from a worker thread in the GUI)."""
         methods = [("B-spline (classical)", CLASSICAL_FALLBACK)]
-        target = self.serverTarget(server, token)
+        target = self.serverTarget(server, token, caFile)
         client = target.connect()
         for model in client.models():
             if model.get("kind", DIFFUSION_METHOD) == DIFFUSION_METHOD:

@@ -10,6 +10,8 @@ the worker cancels the server job and ends in ``"cancelled"``.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.errors import CTSliceInterpError  # noqa: E402
+from ctsliceinterp.errors import CTSliceInterpError, InputError  # noqa: E402
 from ctsliceinterp.volume import Geometry, Volume  # noqa: E402
 
 from .local_backend import BackendError, LocalBackend  # noqa: E402
@@ -46,9 +48,34 @@ class SessionStatus:
         return self.state in FINAL_STATES
 
 
+def check_ca_file(path: str) -> str:
+    """The absolute path of a CA certificate file (PEM) that TLS can load.
+
+    Raises ``InputError`` naming the file when it is missing or unusable, so the user hears
+    about it before anything is sent (``ssl`` itself says "No such file or directory" or
+    "[X509] PEM lib" without naming the file)."""
+    full = os.path.abspath(os.path.expanduser(path.strip()))
+    if not os.path.isfile(full):
+        problem = "is a folder, not a file" if os.path.isdir(full) else "does not exist"
+        raise InputError(f"the CA certificate file {path} {problem}")
+    try:
+        ssl.create_default_context(cafile=full)
+    except ssl.SSLError as exc:
+        detail = f" ({exc.reason.replace('_', ' ').lower()})" if exc.reason else ""
+        raise InputError(
+            f"the CA certificate file {path} holds no usable PEM certificate{detail}: choose the server's "
+            "certificate or its CA in PEM format (text starting with -----BEGIN CERTIFICATE-----; convert a "
+            "DER file with: openssl x509 -inform der -in cert.cer -out cert.pem)"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"the CA certificate file {path} cannot be read: {exc.strerror or exc}") from None
+    return full
+
+
 @dataclass
 class ServerTarget:
-    """Where to run: a local backend (started on demand) or a remote URL with its token."""
+    """Where to run: a local backend (started on demand) or a remote URL with its token and,
+    for a self-signed or private-CA certificate, the CA file to trust."""
 
     url: Optional[str] = None
     token: Optional[str] = None
@@ -69,7 +96,8 @@ class ServerTarget:
             return client_module.Client(url, token=self.local.token, timeout=self.timeout)
         if not self.url:
             raise client_module.ServerUnreachable("no server URL given for remote processing")
-        return client_module.Client(self.url, token=self.token or None, timeout=self.timeout, ca_file=self.ca_file)
+        ca_file = check_ca_file(self.ca_file) if self.ca_file else None  # it may have changed since it was chosen
+        return client_module.Client(self.url, token=self.token or None, timeout=self.timeout, ca_file=ca_file)
 
 
 def describe_error(exc: BaseException, target: ServerTarget) -> str:
@@ -85,6 +113,16 @@ def describe_error(exc: BaseException, target: ServerTarget) -> str:
         where = "the local backend" if target.local is not None else target.url
         return (f"{where} rejected the access token: check the token in the module's Remote settings "
                 "(it is the one the server was started with)")
+    if isinstance(exc, client_module.ServerUnreachable) and isinstance(exc.__context__, ssl.SSLCertVerificationError):
+        # The client raises "from None"; the verification error it replaced is still the context.
+        reason = exc.__context__.verify_message or exc.__context__.reason or "verification failed"
+        if target.ca_file:
+            return (f"the TLS certificate of {target.url} is not trusted by the CA certificate {target.ca_file} "
+                    f"({reason}): choose the certificate the server was started with (--ssl-certfile) or the CA "
+                    "that signed it")
+        return (f"the TLS certificate of {target.url} is not trusted ({reason}). If the server uses a self-signed "
+                "or private-CA certificate, choose that certificate (or its CA) as 'CA certificate' in the "
+                "module's Remote settings (caFile= in Python)")
     if isinstance(exc, client_module.ServerUnreachable):
         return f"cannot reach {target.description}: {exc}. Check the URL, the network and that the server runs."
     if isinstance(exc, client_module.InputRejected):

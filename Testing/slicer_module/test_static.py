@@ -55,6 +55,24 @@ def test_every_bound_parameter_has_a_widget():
     assert {"inputVolume", "outputVolume", "spacing", "steps", "samples", "consistency", "showUncertainty"} <= bound
 
 
+def test_ca_certificate_is_a_per_server_setting_not_a_scene_parameter():
+    import xml.etree.ElementTree as ElementTree
+
+    check = _static_check()
+    ui = MODULE_DIR / "Resources" / "UI" / "CTSliceInterp.ui"
+    widget = next(w for w in ElementTree.parse(ui).getroot().iter("widget") if w.get("name") == "caFilePathLineEdit")
+    assert widget.get("class") == "ctkPathLineEdit"
+    props = {prop.get("name"): prop for prop in widget.findall("property")}
+    assert "self-signed" in props["toolTip"].findtext("string")
+    assert "ctkPathLineEdit::Files" in props["filters"].findtext("set")
+    assert "(*.pem *.crt *.cer)" in props["nameFilters"].findtext("stringlist/string")
+    # Never in the scene: not bound to the parameter node, and no such field on it.
+    assert "caFilePathLineEdit" not in check.ui_parameter_names(ui)
+    fields = check.parameter_node_fields(MODULE_DIR / "CTSliceInterp.py")
+    assert fields and not [f for f in fields if re.search("token|ca_?file|certificate", f, re.I)]
+    assert re.search(r"SETTINGS_CA_FILES = \"CTSliceInterp/", (MODULE_DIR / "CTSliceInterp.py").read_text())
+
+
 def test_extension_metadata():
     text = (REPO / "CMakeLists.txt").read_text()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
