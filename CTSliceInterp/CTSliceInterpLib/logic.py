@@ -193,6 +193,7 @@ class InterpolationLogic:
         (blocking: call it from a worker thread in the GUI)."""
         methods = [("B-spline (classical)", CLASSICAL_FALLBACK)]
         target = self.serverTarget(server, token, caFile)
+        target.timeout = timeout  # per request; a local backend's start-up has its own limit
         client = target.connect()
         for model in client.models():
             if model.get("kind", DIFFUSION_METHOD) == DIFFUSION_METHOD:
