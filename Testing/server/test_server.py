@@ -32,7 +32,7 @@ from ctsliceinterp.errors import Cancelled
 from ctsliceinterp.nrrd_bytes import geometry_to_dict, volume_to_nrrd_bytes
 from ctsliceinterp.run import InterpolationRequest, interpolate
 from ctsliceinterp.volume import Geometry
-from live_server import TOKEN, shared_server, start_server  # noqa: F401 - fixtures
+from live_server import TOKEN, self_signed_certificate, shared_server, start_server  # noqa: F401 - fixtures
 
 NRRD = {"Content-Type": "application/x-nrrd"}
 
@@ -429,45 +429,8 @@ def test_server_restart_gives_a_clear_error_not_a_hang(tmp_path):
         second.wait(15)
 
 
-def _self_signed_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        from cryptography import x509  # noqa: F401
-    except ImportError:
-        import shutil
-
-        if not shutil.which("openssl"):
-            pytest.skip("neither the cryptography package nor the openssl command is available")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=60,
-        )
-        return cert, key
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(private, hashes.SHA256())
-    )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert, key
-
-
 def test_tls_round_trip_and_untrusted_certificate(start_server, tmp_path, make_volume):
-    cert, key = _self_signed_certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server = start_server(ssl_certfile=str(cert), ssl_keyfile=str(key), token=TOKEN)
     assert server.url.startswith("https://")
     thick = make_volume(shape=(4, 10, 10), direction=oblique_direction(10))

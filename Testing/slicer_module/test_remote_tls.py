@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,51 +19,13 @@ pytest.importorskip("uvicorn", reason="the server extra (fastapi, uvicorn) is no
 # The server tests' fixture, imported from its file (Testing/server is on sys.path only when
 # that folder is collected; the module name stays the same either way).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from live_server import TOKEN, start_server  # noqa: E402,F401 - fixture
-
-
-def _self_signed_certificate(folder: Path, name: str = "server"):
-    """(cert.pem, key.pem) for 127.0.0.1 (a small copy of the server tests' helper)."""
-    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
-    try:
-        from cryptography import x509  # noqa: F401
-    except ImportError:
-        if not shutil.which("openssl"):
-            pytest.skip("neither the cryptography package nor the openssl command is available")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=60,
-        )
-        return cert, key
-    import datetime
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    private = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(private, hashes.SHA256())
-    )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return cert, key
+from live_server import TOKEN, self_signed_certificate, start_server  # noqa: E402,F401 - fixture
 
 
 @pytest.fixture
 def tls_server(start_server, tmp_path):
     """(server, its certificate): HTTPS with a self-signed certificate and a token."""
-    cert, key = _self_signed_certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server = start_server(ssl_certfile=str(cert), ssl_keyfile=str(key), token=TOKEN)
     assert server.url.startswith("https://")
     return server, cert
@@ -118,7 +78,7 @@ def test_without_ca_file_the_message_names_the_certificate(scene, tls_server):
 
 def test_wrong_ca_file_names_that_file(scene, tls_server, tmp_path):
     server, _cert = tls_server
-    other, _key = _self_signed_certificate(tmp_path, name="other")
+    other, _key = self_signed_certificate(tmp_path, name="other")
     interp = logic.InterpolationLogic(scene=scene)
     source = testing.add_synthetic_thick_node(scene)
     with pytest.raises(logic.ProcessingError, match=f"not trusted by the CA certificate {re.escape(str(other))}"):
