@@ -280,8 +280,9 @@ class Client:
             raise InputRejected(reason, status)
         raise ClientError(f"server error {status} from {self.url}: {reason}")
 
-    def _json(self, method: str, path: str, job_id: Optional[str] = None, timeout: Optional[float] = None) -> Any:
-        response = self._check(self._request(method, path, timeout=timeout), job_id)
+    def _json(self, method: str, path: str, job_id: Optional[str] = None, timeout: Optional[float] = None,
+              retries: Optional[int] = None) -> Any:
+        response = self._check(self._request(method, path, timeout=timeout, retries=retries), job_id)
         data = response.json()
         if data is None:
             raise ClientError(f"{self.url} did not answer JSON: is it a CTSliceInterp server?")
@@ -340,10 +341,7 @@ class Client:
         thin = self._download(job_id, "volume")
         # Read and checked: delete it now, in one try (the server keeps a sent result for a short
         # grace time anyway, because a dropped download looks the same to it as a finished one).
-        try:
-            self._request("DELETE", f"{API}/jobs/{_quote(job_id)}", retries=0)
-        except ClientError:
-            pass
+        self._cancel_quietly(job_id, retries=0)
         return thin, uncertainty
 
     def _download(self, job_id: str, part: str) -> Volume:
@@ -360,9 +358,9 @@ class Client:
             volume = volume.replace(array=volume.array.copy())
         return volume
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, retries: Optional[int] = None) -> None:
         """Cancel the job (queued or running) and delete its data on the server."""
-        self._json("DELETE", f"{API}/jobs/{_quote(job_id)}", job_id)
+        self._json("DELETE", f"{API}/jobs/{_quote(job_id)}", job_id, retries=retries)
 
     def run(
         self,
@@ -409,9 +407,9 @@ class Client:
             self._cancel_quietly(job_id)
             raise
 
-    def _cancel_quietly(self, job_id: str) -> None:
+    def _cancel_quietly(self, job_id: str, retries: Optional[int] = None) -> None:
         try:
-            self.cancel(job_id)
+            self.cancel(job_id, retries)
         except ClientError:
             pass
 
