@@ -481,7 +481,7 @@ class CTSliceInterpTest(ScriptedLoadableModuleTest):
             installer.install(plan)
 
     def test_BadInputsLeaveSceneUnchanged(self):
-        from ctsliceinterp.errors import InputError
+        from ctsliceinterp.core.errors import InputError
 
         self.delayDisplay("Bad inputs")
         logic = CTSliceInterpLogic()

@@ -33,7 +33,7 @@ def repo_root() -> Path:
 @pytest.fixture
 def make_volume():
     """Factory for small synthetic CT-like volumes with arbitrary geometry."""
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.volume import Volume
 
     def _make(shape=(8, 24, 20), spacing=(0.8, 0.7, 5.0), origin=(-10.0, 20.0, 100.0), direction=None, dtype=np.int16, seed=0):
         rng = np.random.default_rng(seed)

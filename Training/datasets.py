@@ -32,8 +32,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 import loop  # noqa: F401  (puts Backend/src on sys.path in a checkout)
 from ctsliceinterp.models.configs import IntensityWindow
-from ctsliceinterp.pipeline import normalise, thin_positions
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.pipelines.diffusion import normalise, thin_positions
+from ctsliceinterp.core.volume import Volume
 
 AIR_HU = -1000.0
 
@@ -54,10 +54,10 @@ def _as_list(value) -> list:
 def load_sources(data: dict[str, Any], split: str) -> list[PairSource]:
     """The pairs of ``split`` ("train" or "val"): cache cases listed in its splits.json plus the
     thin volumes of ``data.thin_volumes[split]`` (thick simulated, ``data.thickness_mm``)."""
-    from ctsliceinterp.acquisition import simulate_thick
-    from ctsliceinterp.cache import open_split
+    from ctsliceinterp.core.acquisition import simulate_thick
+    from ctsliceinterp.data.cache import open_split
     from ctsliceinterp.io import read_volume
-    from ctsliceinterp.preprocess import pair_by_position
+    from ctsliceinterp.data.preprocess import pair_by_position
 
     from loop import TrainingError
 

@@ -36,7 +36,7 @@ BACKEND_SRC = TRAINING_DIR.parent / "Backend" / "src"
 if BACKEND_SRC.is_dir() and str(BACKEND_SRC) not in sys.path:
     sys.path.insert(0, str(BACKEND_SRC))  # a checkout without `pip install`
 
-from ctsliceinterp.errors import CTSliceInterpError  # noqa: E402
+from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
 from ctsliceinterp.io.atomic import atomic_file  # noqa: E402
 
 STATE_FILE = "train_state.pt"

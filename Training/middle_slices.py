@@ -13,7 +13,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "Backend" / "src"))
 
 from ctsliceinterp.io import read_volume, write_volume  # noqa: E402
-from ctsliceinterp.volume import Volume  # noqa: E402
+from ctsliceinterp.core.volume import Volume  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,8 @@ class DiffusionTask:
     name = "diffusion"
 
     def __init__(self, config: dict, runtime: loop.Runtime, out: Path):
-        from ctsliceinterp.checkpoint import load_checkpoint
-        from ctsliceinterp.diffusion import training_scheduler
+        from ctsliceinterp.pipelines.checkpoint import load_checkpoint
+        from ctsliceinterp.schedulers import training_scheduler
         from ctsliceinterp.models.unet import UNet3D
 
         from datasets import DepthCropDataset, load_sources
@@ -108,7 +108,7 @@ class DiffusionTask:
     def _precompute(self, sources, out: Path, runtime: loop.Runtime) -> dict:
         """Encode every whole case once (rank 0 writes OUT/latents/*.npy, float16), memory-map them."""
         from ctsliceinterp.io.atomic import atomic_file
-        from ctsliceinterp.pipeline import _pad_in_plane, normalise
+        from ctsliceinterp.pipelines.diffusion import _pad_in_plane, normalise
 
         folder = out / "latents"
         paths = {}
@@ -133,7 +133,7 @@ class DiffusionTask:
         return {key: (np.load(a, mmap_mode="r"), np.load(b, mmap_mode="r")) for key, (a, b) in paths.items()}
 
     def _inputs(self, batch: dict):
-        from ctsliceinterp.pipeline import resample_depth
+        from ctsliceinterp.pipelines.diffusion import resample_depth
 
         if self.precomputed:
             target = batch["thin"].to(self.device).float()
@@ -145,7 +145,7 @@ class DiffusionTask:
         return target, condition, batch["positions"].to(self.device), batch["mask"].to(self.device)
 
     def loss(self, model, batch: dict, device, generator=None):
-        from ctsliceinterp.diffusion import diffusion_loss
+        from ctsliceinterp.schedulers import diffusion_loss
 
         target, condition, positions, mask = self._inputs(batch)
         loss = diffusion_loss(model, target, condition, positions, self.scheduler, self.model_config.diffusion,
@@ -169,8 +169,8 @@ class DiffusionTask:
     def _val_volumes(self):
         """A validation crop: the middle thick slices (at most depth/ratio + 1) on a centred
         in-plane crop, and the thin slices between the first and last of them."""
-        from ctsliceinterp.evaluate import covered_reference
-        from ctsliceinterp.volume import Volume
+        from ctsliceinterp.evaluation.evaluate import covered_reference
+        from ctsliceinterp.core.volume import Volume
 
         source = self.val_sources[0]
         thick, thin = source.thick, source.thin
@@ -193,8 +193,8 @@ class DiffusionTask:
         return thick_crop, reference
 
     def _sample_figure(self, unet, epoch: int, out: Path) -> dict:
-        from ctsliceinterp import metrics as ct_metrics
-        from ctsliceinterp.pipeline import Interpolator
+        from ctsliceinterp.evaluation import metrics as ct_metrics
+        from ctsliceinterp.pipelines.diffusion import Interpolator
 
         thick, reference = self._val_volumes()
         # Copies: the Interpolator converts memory formats, which must not touch the training modules.
@@ -240,7 +240,7 @@ class DiffusionTask:
         plt.close(fig)
 
     def export(self, unet, folder: Path, metadata: dict) -> None:
-        from ctsliceinterp.checkpoint import save_checkpoint
+        from ctsliceinterp.pipelines.checkpoint import save_checkpoint
 
         save_checkpoint(folder, self.vae, unet, self.model_config, self.latent_scale, {"trained": "diffusion", **metadata})
 

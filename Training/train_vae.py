@@ -167,7 +167,7 @@ class VAETask:
         plt.close(fig)
 
     def export(self, vae, folder: Path, metadata: dict) -> None:
-        from ctsliceinterp.checkpoint import save_checkpoint
+        from ctsliceinterp.pipelines.checkpoint import save_checkpoint
         from ctsliceinterp.models.vae import measure_latent_scale
 
         device = next(vae.parameters()).device

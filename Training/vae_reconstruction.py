@@ -28,10 +28,10 @@ import torch
 TRAINING_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TRAINING_DIR.parent / "Backend" / "src"))
 
-from ctsliceinterp.checkpoint import load_checkpoint  # noqa: E402
+from ctsliceinterp.pipelines.checkpoint import load_checkpoint  # noqa: E402
 from ctsliceinterp.io import read_volume  # noqa: E402
-from ctsliceinterp.metrics import BODY_THRESHOLD_HU, psnr  # noqa: E402
-from ctsliceinterp.pipeline import _pad_in_plane, denormalise, normalise  # noqa: E402
+from ctsliceinterp.evaluation.metrics import BODY_THRESHOLD_HU, psnr  # noqa: E402
+from ctsliceinterp.pipelines.diffusion import _pad_in_plane, denormalise, normalise  # noqa: E402
 
 
 def main(argv=None) -> int:

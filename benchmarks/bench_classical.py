@@ -45,8 +45,8 @@ BOUNDARY_SLICES = 3  # interior check: skip output within this many thick slices
 
 
 def thick_volume(data: Path, synthetic: bool):
-    from ctsliceinterp.acquisition import simulate_thick
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.acquisition import simulate_thick
+    from ctsliceinterp.core.volume import Volume
 
     if synthetic:
         from scipy import ndimage
@@ -102,9 +102,9 @@ def sitk_lanczos_kernel_check() -> dict:
     SimpleITK's kernel reproduces it, so the two differ by the filter, not by an error."""
     import SimpleITK as sitk
 
-    from ctsliceinterp.classical import _kernel_matrix, interpolation_matrix
-    from ctsliceinterp.grid import fractional_indices, thin_grid
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.classical import _kernel_matrix, interpolation_matrix
+    from ctsliceinterp.core.grid import fractional_indices, thin_grid
+    from ctsliceinterp.core.volume import Volume
 
     array = np.random.default_rng(1).normal(0, 300, (20, 8, 8)).astype(np.float32)
     volume = Volume.from_array(array, (1.0, 1.0, THICKNESS_MM))
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     import SimpleITK as sitk
     import torch
 
-    from ctsliceinterp.grid import thin_grid
-    from ctsliceinterp.run import InterpolationRequest, interpolate
+    from ctsliceinterp.core.grid import thin_grid
+    from ctsliceinterp.api import InterpolationRequest, interpolate
 
     torch.set_num_threads(int(THREADS))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(THREADS))

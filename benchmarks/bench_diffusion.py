@@ -29,15 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Backend" / "src"))
 DATA = Path(os.environ.get("CTSLICEINTERP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-from ctsliceinterp.acquisition import consistency_mae, simulate_thick  # noqa: E402
-from ctsliceinterp.classical import interpolate_classical  # noqa: E402
-from ctsliceinterp.grid import thin_grid  # noqa: E402
+from ctsliceinterp.core.acquisition import consistency_mae, simulate_thick  # noqa: E402
+from ctsliceinterp.core.classical import interpolate_classical  # noqa: E402
+from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.io import read_volume  # noqa: E402
 from ctsliceinterp.models.configs import get_config  # noqa: E402
 from ctsliceinterp.models.unet import UNet3D  # noqa: E402
 from ctsliceinterp.models.vae import SliceVAE  # noqa: E402
-from ctsliceinterp.pipeline import Interpolator, chunk_starts  # noqa: E402
-from ctsliceinterp.volume import Volume  # noqa: E402
+from ctsliceinterp.pipelines.diffusion import Interpolator, chunk_starts  # noqa: E402
+from ctsliceinterp.core.volume import Volume  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the fraction-of-peak figure.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

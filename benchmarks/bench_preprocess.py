@@ -47,7 +47,7 @@ def origin_pipeline(case_zip: Path, work: Path) -> Path:
 
 
 def ours(case_zip: Path, work: Path) -> Path:
-    from ctsliceinterp.preprocess import preprocess_dataset
+    from ctsliceinterp.data.preprocess import preprocess_dataset
 
     dataset = work / "dataset" / "APE"
     dataset.mkdir(parents=True, exist_ok=True)

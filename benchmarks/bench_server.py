@@ -39,11 +39,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Backend" / "src"))
 
-from ctsliceinterp.client import Client, ServerBusy  # noqa: E402
-from ctsliceinterp.errors import InputError  # noqa: E402
-from ctsliceinterp.nrrd_bytes import volume_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
-from ctsliceinterp.run import InterpolationRequest, interpolate  # noqa: E402
-from ctsliceinterp.volume import Volume  # noqa: E402
+from ctsliceinterp.serving.client import Client, ServerBusy  # noqa: E402
+from ctsliceinterp.core.errors import InputError  # noqa: E402
+from ctsliceinterp.serving.nrrd_bytes import volume_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
+from ctsliceinterp.api import InterpolationRequest, interpolate  # noqa: E402
+from ctsliceinterp.core.volume import Volume  # noqa: E402
 
 
 # --- a server process --------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def diffusion_overhead(repeats: int) -> dict:
     """The job users run by default: the shipped diffusion model on the bundled phantom, in
     process (model loaded once, as the server keeps it) and through `serve` (default model)."""
     from ctsliceinterp.io import read_volume
-    from ctsliceinterp.pipeline import Interpolator
+    from ctsliceinterp.pipelines.diffusion import Interpolator
 
     volume = read_volume(REPO / "samples" / "phantom_head_thick_5mm.nii.gz")
     request = InterpolationRequest(method="diffusion", model="default", seed=0)

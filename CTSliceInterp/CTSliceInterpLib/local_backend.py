@@ -27,7 +27,7 @@ from .backend_path import backend_source_dir, ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.errors import CTSliceInterpError  # noqa: E402
+from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
 
 TOKEN_ENVIRONMENT_VARIABLE = "CTSLICEINTERP_TOKEN"
 

@@ -15,7 +15,7 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.errors import CTSliceInterpError, InputError  # noqa: E402
+from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
 
 from . import layout, nodes  # noqa: E402
 from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
@@ -24,7 +24,7 @@ from .session import ProcessingSession, ServerTarget, SessionStatus, check_ca_fi
 # The shipped diffusion model: the local backend and `ctsliceinterp serve` serve it as "default".
 DEFAULT_METHOD = "default"
 CLASSICAL_FALLBACK = "bspline"
-# Same as ctsliceinterp.classical.CLASSICAL_METHODS (a test keeps them equal); not imported from
+# Same as ctsliceinterp.core.classical.CLASSICAL_METHODS (a test keeps them equal); not imported from
 # there because that module needs scipy, and the Lib must import with numpy only (Remote mode).
 CLASSICAL_METHODS = ("linear", "bspline", "lanczos")
 DIFFUSION_METHOD = "diffusion"

@@ -1,4 +1,4 @@
-"""Volume nodes <-> ``ctsliceinterp.volume.Volume`` (MRML only, no Qt).
+"""Volume nodes <-> ``ctsliceinterp.core.volume.Volume`` (MRML only, no Qt).
 
 Slicer speaks RAS (IJKToRAS), the backend speaks LPS. The one place where the two meet is
 ``flip_ras_lps``: every conversion in this module goes through it, and nowhere else in the
@@ -15,9 +15,9 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.errors import InputError, OutputError  # noqa: E402
-from ctsliceinterp.grid import thin_grid  # noqa: E402
-from ctsliceinterp.volume import Geometry, Volume  # noqa: E402
+from ctsliceinterp.core.errors import InputError, OutputError  # noqa: E402
+from ctsliceinterp.core.grid import thin_grid  # noqa: E402
+from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 
 # RAS <-> LPS: negate the first two physical axes. The matrix is its own inverse.
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0])

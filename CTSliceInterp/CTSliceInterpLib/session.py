@@ -21,8 +21,8 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.errors import CTSliceInterpError, InputError  # noqa: E402
-from ctsliceinterp.volume import Geometry, Volume  # noqa: E402
+from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
+from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 
 from .local_backend import BackendError, LocalBackend  # noqa: E402
 
@@ -30,7 +30,7 @@ FINAL_STATES = ("done", "failed", "cancelled")
 
 
 def _client_module():
-    from ctsliceinterp import client  # imported on use: numpy + standard library only
+    from ctsliceinterp.serving import client  # imported on use: numpy + standard library only
 
     return client
 
@@ -88,7 +88,7 @@ class ServerTarget:
         return "the local backend" if self.local is not None else f"the server at {self.url}"
 
     def connect(self, cancel: Optional[threading.Event] = None):
-        """A ``ctsliceinterp.client.Client`` for this target (blocking: starts the local backend
+        """A ``ctsliceinterp.serving.client.Client`` for this target (blocking: starts the local backend
         if needed)."""
         client_module = _client_module()
         if self.local is not None:

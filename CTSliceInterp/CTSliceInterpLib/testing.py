@@ -13,8 +13,8 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-from ctsliceinterp.grid import thin_grid  # noqa: E402
-from ctsliceinterp.volume import Geometry, Volume  # noqa: E402
+from ctsliceinterp.core.grid import thin_grid  # noqa: E402
+from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 
 from . import layout, nodes  # noqa: E402
 
@@ -141,7 +141,7 @@ def make_untrained_tiny_model(folder):
     try:
         import torch
 
-        from ctsliceinterp.checkpoint import save_checkpoint
+        from ctsliceinterp.pipelines.checkpoint import save_checkpoint
         from ctsliceinterp.models.configs import get_config
         from ctsliceinterp.models.unet import UNet3D
         from ctsliceinterp.models.vae import SliceVAE

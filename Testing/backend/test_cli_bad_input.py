@@ -197,7 +197,7 @@ def test_good_dicom_zip_to_dicom_series(capsys, tmp_path):
 
 def test_uncertainty_with_a_classical_method_is_refused_not_ignored(tmp_path, capsys):
     from ctsliceinterp.io import write_volume
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.volume import Volume
 
     source = tmp_path / "thick.nrrd"
     write_volume(Volume.from_array(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8) - 1000, spacing=(1, 1, 5)), source)

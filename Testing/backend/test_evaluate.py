@@ -8,11 +8,11 @@ import pytest
 
 from testsupport import oblique_direction
 from ctsliceinterp import cli
-from ctsliceinterp.acquisition import simulate_thick
-from ctsliceinterp.errors import GeometryError
-from ctsliceinterp.evaluate import covered_reference, evaluate_methods, real_pair_case, simulated_case
-from ctsliceinterp.metrics import score
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.core.acquisition import simulate_thick
+from ctsliceinterp.core.errors import GeometryError
+from ctsliceinterp.evaluation.evaluate import covered_reference, evaluate_methods, real_pair_case, simulated_case
+from ctsliceinterp.evaluation.metrics import score
+from ctsliceinterp.core.volume import Volume
 
 
 def ramp_volume(n=40, spacing=1.25, direction=None, origin=(5.0, -3.0, 100.0), size=24):

@@ -5,11 +5,11 @@ import pytest
 from scipy import ndimage
 
 from testsupport import oblique_direction
-from ctsliceinterp.acquisition import consistency_mae, reaverage, simulate_thick, slab_weights
-from ctsliceinterp.classical import interpolate_classical, interpolation_matrix
-from ctsliceinterp.errors import GeometryError, InputError
-from ctsliceinterp.grid import like_grid, thin_grid
-from ctsliceinterp.volume import Geometry
+from ctsliceinterp.core.acquisition import consistency_mae, reaverage, simulate_thick, slab_weights
+from ctsliceinterp.core.classical import interpolate_classical, interpolation_matrix
+from ctsliceinterp.core.errors import GeometryError, InputError
+from ctsliceinterp.core.grid import like_grid, thin_grid
+from ctsliceinterp.core.volume import Geometry
 
 
 @pytest.mark.parametrize("thick,thin,count", [(5.0, 1.25, 109), (3.0, 1.0, 82), (2.5, 1.0, 68), (5.0, 1.0, 136)])

@@ -17,10 +17,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from testsupport import oblique_direction
-from ctsliceinterp.errors import GeometryError, InputError
+from ctsliceinterp.core.errors import GeometryError, InputError
 from ctsliceinterp.io import read_volume, write_volume
 from ctsliceinterp.io.dicom import read_dicom, write_dicom_series
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.core.volume import Volume
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -349,7 +349,7 @@ def test_writer_moves_the_intercept_for_wide_hu_and_refuses_what_int16_cannot_ho
     back = read_dicom(tmp_path)
     np.testing.assert_array_equal(back.array, np.rint(array))
     assert float(pydicom.dcmread(sorted(tmp_path.glob("*.dcm"))[0]).RescaleIntercept) != 0
-    from ctsliceinterp.errors import OutputError
+    from ctsliceinterp.core.errors import OutputError
 
     with pytest.raises(OutputError, match="does not fit 16-bit DICOM"):
         write_dicom_series(Volume.from_array(np.array([-70000.0, 1.0] * 10).reshape(2, 2, 5)), tmp_path / "x")

@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 
 from testsupport import oblique_direction
-from ctsliceinterp.errors import InputError, OutputError
+from ctsliceinterp.core.errors import InputError, OutputError
 from ctsliceinterp.io import read_volume, write_volume
 from ctsliceinterp.io.validate import label_map_reason, validate_ct
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.core.volume import Volume
 
 SUFFIXES = [".nrrd", ".nii", ".nii.gz", ".mha"]
 
@@ -144,9 +144,9 @@ def test_sheared_grid_is_refused_for_nifti_but_kept_by_nrrd(tmp_path):
     import numpy as np
     import pytest
 
-    from ctsliceinterp.errors import OutputError
+    from ctsliceinterp.core.errors import OutputError
     from ctsliceinterp.io import read_volume, write_volume
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.volume import Volume
 
     tilt = np.deg2rad(15)
     direction = (1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt))  # k axis tilted towards j

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ctsliceinterp.errors import InputError
-from ctsliceinterp.metrics import (
+from ctsliceinterp.core.errors import InputError
+from ctsliceinterp.evaluation.metrics import (
     body_mask,
     protocol_crop,
     psnr,

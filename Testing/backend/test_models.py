@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctsliceinterp.diffusion import diffusion_loss, min_snr_weight, sample, sampling_scheduler, snr, training_scheduler
+from ctsliceinterp.schedulers import diffusion_loss, min_snr_weight, sample, sampling_scheduler, snr, training_scheduler
 from ctsliceinterp.models.configs import CONFIGS, PARAMETER_RANGES, ConfigError, ModelConfig, get_config, parameter_counts
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE, measure_latent_scale, vae_loss
@@ -159,7 +159,7 @@ def test_tiny_vae_learns_real_ct(shared_data):
     """A few hundred steps on real CT crops (chest + heart) must reconstruct held-out crops of
     another scan (a head CT) far better than at initialisation and than a flat image."""
     from ctsliceinterp.io import read_volume
-    from ctsliceinterp.pipeline import normalise
+    from ctsliceinterp.pipelines.diffusion import normalise
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctsliceinterp.acquisition import consistency_mae, simulate_thick
-from ctsliceinterp.checkpoint import (
+from ctsliceinterp.core.acquisition import consistency_mae, simulate_thick
+from ctsliceinterp.pipelines.checkpoint import (
     MANIFEST,
     UNET_FILE,
     CheckpointError,
@@ -22,14 +22,14 @@ from ctsliceinterp.checkpoint import (
     resolve_model,
     save_checkpoint,
 )
-from ctsliceinterp.classical import interpolate_classical
-from ctsliceinterp.grid import thin_grid
+from ctsliceinterp.core.classical import interpolate_classical
+from ctsliceinterp.core.grid import thin_grid
 from ctsliceinterp.models.configs import get_config
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE
-from ctsliceinterp.pipeline import Interpolator, blend_over_depth, chunk_starts, consistency_correction
-from ctsliceinterp.progress import Reporter
-from ctsliceinterp.volume import Geometry, Volume
+from ctsliceinterp.pipelines.diffusion import Interpolator, blend_over_depth, chunk_starts, consistency_correction
+from ctsliceinterp.core.progress import Reporter
+from ctsliceinterp.core.volume import Geometry, Volume
 
 
 # diffusers builds its sigmas with np.array(tensor) (harmless under numpy 2).
@@ -213,7 +213,7 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
 
 
 def test_model_names_resolve_to_shipped_folders(tmp_path, monkeypatch):
-    import ctsliceinterp.checkpoint as checkpoint
+    import ctsliceinterp.pipelines.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")  # a package with no model
     with pytest.raises(CheckpointError, match="no default diffusion model is installed.*--model PATH"):
@@ -254,11 +254,11 @@ def test_consistency_correction_leaves_an_exact_ramp_exact_at_the_ends():
     """Partly covered end slabs must not be matched: their measured mean includes tissue beyond
     the output grid. A linear ramp is reproduced exactly by linear interpolation; the correction
     must keep it exact, the first and last slices included."""
-    from ctsliceinterp.acquisition import simulate_thick
-    from ctsliceinterp.classical import interpolate_classical
-    from ctsliceinterp.grid import thin_grid
-    from ctsliceinterp.pipeline import consistency_correction
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.acquisition import simulate_thick
+    from ctsliceinterp.core.classical import interpolate_classical
+    from ctsliceinterp.core.grid import thin_grid
+    from ctsliceinterp.pipelines.diffusion import consistency_correction
+    from ctsliceinterp.core.volume import Volume
 
     z = np.arange(60, dtype=np.float32)
     truth = Volume.from_array(np.broadcast_to(10 * z[:, None, None], (60, 4, 4)).copy(), spacing=(1.0, 1.0, 1.0))

@@ -19,7 +19,7 @@ class RunningServer:
     def __init__(self, config, port: int = 0, ssl_certfile=None, ssl_keyfile=None):
         import uvicorn
 
-        from ctsliceinterp.server import create_app
+        from ctsliceinterp.serving.server import create_app
 
         self.config = config
         self.app = create_app(config)
@@ -53,7 +53,7 @@ class RunningServer:
 @pytest.fixture
 def start_server():
     """``start_server(**ServerConfig fields)`` -> RunningServer; all are stopped after the test."""
-    from ctsliceinterp.server import ServerConfig
+    from ctsliceinterp.serving.server import ServerConfig
 
     servers = []
 
@@ -70,7 +70,7 @@ def start_server():
 @pytest.fixture(scope="module")
 def shared_server():
     """One plain server (no token) for the tests that do not need special settings."""
-    from ctsliceinterp.server import ServerConfig
+    from ctsliceinterp.serving.server import ServerConfig
 
     server = RunningServer(ServerConfig(max_upload_bytes=2 * 1024 * 1024))
     yield server

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from testsupport import oblique_direction
-from ctsliceinterp.errors import InputError
-from ctsliceinterp.nrrd_bytes import geometry_from_dict, geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_bytes
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.core.errors import InputError
+from ctsliceinterp.serving.nrrd_bytes import geometry_from_dict, geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_bytes
+from ctsliceinterp.core.volume import Volume
 
 
 def corners(volume: Volume) -> np.ndarray:
@@ -191,7 +191,7 @@ def test_scanner_xyz_space_is_read_as_itk_reads_it(tmp_path):
     """ITK (and so the CLI's file reader) treats scanner-xyz as LPS; the upload parser must agree."""
     import SimpleITK as sitk
 
-    from ctsliceinterp.nrrd_bytes import volume_from_nrrd_bytes
+    from ctsliceinterp.serving.nrrd_bytes import volume_from_nrrd_bytes
 
     data = np.arange(2 * 3 * 4, dtype=np.int16).tobytes()
     header = ("NRRD0004\ntype: short\ndimension: 3\nspace: scanner-xyz\nsizes: 4 3 2\n"

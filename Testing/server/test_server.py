@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from testsupport import REPO_ROOT, oblique_direction
-from ctsliceinterp.client import (
+from ctsliceinterp.serving.client import (
     AuthenticationFailed,
     Client,
     InputRejected,
@@ -28,10 +28,10 @@ from ctsliceinterp.client import (
     ServerUnreachable,
     interpolate_remote,
 )
-from ctsliceinterp.errors import Cancelled
-from ctsliceinterp.nrrd_bytes import geometry_to_dict, volume_to_nrrd_bytes
-from ctsliceinterp.run import InterpolationRequest, interpolate
-from ctsliceinterp.volume import Geometry
+from ctsliceinterp.core.errors import Cancelled
+from ctsliceinterp.serving.nrrd_bytes import geometry_to_dict, volume_to_nrrd_bytes
+from ctsliceinterp.api import InterpolationRequest, interpolate
+from ctsliceinterp.core.volume import Geometry
 from live_server import TOKEN, self_signed_certificate, shared_server, start_server  # noqa: F401 - fixtures
 
 NRRD = {"Content-Type": "application/x-nrrd"}
@@ -168,7 +168,7 @@ def test_models_and_health(shared_server):
 
 
 def _small():
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.volume import Volume
 
     return Volume.from_array(np.zeros((3, 4, 4), np.int16), (1.0, 1.0, 5.0))
 
@@ -191,7 +191,7 @@ def test_token_required_and_compared(start_server, tmp_path):
 
 def test_public_bind_without_token_refuses_to_start(capsys, monkeypatch):
     from ctsliceinterp.cli import main
-    from ctsliceinterp.server.auth import check_bind_allowed, token_matches
+    from ctsliceinterp.serving.server.auth import check_bind_allowed, token_matches
 
     monkeypatch.delenv("CTSLICEINTERP_TOKEN", raising=False)
     assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2

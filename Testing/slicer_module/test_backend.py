@@ -109,7 +109,7 @@ def test_cancel_leaves_nothing(scene, interp, tiny_model, backend):
         interp.finish(run)
     assert _scene_node_ids(scene) == before
     # The server dropped the job and its data.
-    from ctsliceinterp.client import Client, ClientError
+    from ctsliceinterp.serving.client import Client, ClientError
 
     with pytest.raises(ClientError):
         Client(backend.url, token=backend.token).result(run.session.job_id)

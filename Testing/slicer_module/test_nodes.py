@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import slicer
 from CTSliceInterpLib import layout, logic, nodes
-from ctsliceinterp.errors import InputError, OutputError
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.core.errors import InputError, OutputError
+from ctsliceinterp.core.volume import Volume
 from slicerlib_helpers import add_volume_node, ijk_to_ras, set_ijk_to_ras
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -115,7 +115,7 @@ def test_bad_inputs_are_refused_before_anything_is_made(scene, make_volume):
 
 
 def test_output_node_name_geometry_display_and_hierarchy(scene, make_volume):
-    from ctsliceinterp.grid import thin_grid
+    from ctsliceinterp.core.grid import thin_grid
 
 
     thick = make_volume(direction=tuple((RAS_TO_LPS @ oblique_ras_directions()).ravel()))
@@ -141,7 +141,7 @@ def test_output_node_name_geometry_display_and_hierarchy(scene, make_volume):
 
 
 def test_result_on_the_wrong_grid_leaves_no_node(scene, make_volume):
-    from ctsliceinterp.grid import thin_grid
+    from ctsliceinterp.core.grid import thin_grid
 
     thick = make_volume()
     source = add_volume_node(scene, thick)
@@ -181,6 +181,6 @@ def test_job_parameters():
 
 
 def test_classical_method_names_match_the_backend():
-    from ctsliceinterp.classical import CLASSICAL_METHODS
+    from ctsliceinterp.core.classical import CLASSICAL_METHODS
 
     assert logic.CLASSICAL_METHODS == CLASSICAL_METHODS

@@ -11,7 +11,7 @@ import pytest
 
 from CTSliceInterpLib import logic, testing
 from CTSliceInterpLib.session import describe_error
-from ctsliceinterp.errors import InputError
+from ctsliceinterp.core.errors import InputError
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
 pytest.importorskip("uvicorn", reason="the server extra (fastapi, uvicorn) is not installed")

@@ -13,18 +13,18 @@ import pytest
 import torch
 
 from testsupport import shared_file
-from ctsliceinterp import cache as cache_format
+from ctsliceinterp.data import cache as cache_format
 from ctsliceinterp import cli
-from ctsliceinterp.checkpoint import save_checkpoint
-from ctsliceinterp.evaluate_cache import evaluate_split, evaluation_case
+from ctsliceinterp.pipelines.checkpoint import save_checkpoint
+from ctsliceinterp.evaluation.evaluate_cache import evaluate_split, evaluation_case
 from ctsliceinterp.io import write_volume
-from ctsliceinterp.metrics import score
+from ctsliceinterp.evaluation.metrics import score
 from ctsliceinterp.models.configs import get_config
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE
-from ctsliceinterp.preprocess import preprocess_dataset
-from ctsliceinterp.run import InterpolationRequest, interpolate
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.data.preprocess import preprocess_dataset
+from ctsliceinterp.api import InterpolationRequest, interpolate
+from ctsliceinterp.core.volume import Volume
 
 CROP = 64  # in-plane crop: keeps the real 140-slice phantom evaluation to seconds on a CPU
 PHANTOM = "APE/case_phantom"

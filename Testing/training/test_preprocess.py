@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctsliceinterp import cache as cache_format
+from ctsliceinterp.data import cache as cache_format
 from ctsliceinterp.cli import main as cli_main
 from ctsliceinterp.io import write_volume
 from ctsliceinterp.io.dicom import read_dicom
-from ctsliceinterp.preprocess import CaseError, check_case_layout, pair_by_position
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.data.preprocess import CaseError, check_case_layout, pair_by_position
+from ctsliceinterp.core.volume import Volume
 
 
 def _dicom_case_zip(path: Path, thick: Volume, thin: Volume, tmp: Path, layout=("case/1", "case/2")) -> Path:
@@ -114,7 +114,7 @@ def test_real_phantom_case_is_cached_as_int16_hu_with_geometry(processed, shared
 
 def test_rerun_skips_finished_cases(processed):
     root, out, report, code, has_real = processed
-    from ctsliceinterp.preprocess import preprocess_dataset
+    from ctsliceinterp.data.preprocess import preprocess_dataset
 
     before = (out / "splits.json").read_text()
     results = {r.key: r for r in preprocess_dataset(root, out, workers=1, progress=False)}

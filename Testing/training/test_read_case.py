@@ -12,12 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from ctsliceinterp.errors import InputError
+from ctsliceinterp.core.errors import InputError
 from ctsliceinterp.io import write_volume
 from ctsliceinterp.io import dicom as dicom_io
 from ctsliceinterp.io.dicom import read_case, read_dicom
-from ctsliceinterp.preprocess import CaseSource, PreprocessOptions, process_case
-from ctsliceinterp.volume import Volume
+from ctsliceinterp.data.preprocess import CaseSource, PreprocessOptions, process_case
+from ctsliceinterp.core.volume import Volume
 
 
 def _series(folder: Path, shape, spacing, origin, seed) -> list[Path]:

@@ -34,7 +34,7 @@ def one_thread():
 def thin_volumes(tmp_path_factory):
     """Three small thin CT-like volumes (NIfTI, 1 mm): a body disc with structure and a dense ball."""
     from ctsliceinterp.io import write_volume
-    from ctsliceinterp.volume import Volume
+    from ctsliceinterp.core.volume import Volume
 
     folder = tmp_path_factory.mktemp("thin")
     paths = []
@@ -66,7 +66,7 @@ def test_vae_tiny_loss_goes_down_and_exports_a_checkpoint(thin_volumes, tmp_path
     assert len(losses) == 40
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
     assert (out / "samples" / "vae_epoch_0001.png").stat().st_size > 1000
-    from ctsliceinterp.checkpoint import load_checkpoint
+    from ctsliceinterp.pipelines.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(out / "model")
     assert checkpoint.unet is None and checkpoint.latent_scale > 0 and checkpoint.metadata["step"] == 40
@@ -125,7 +125,7 @@ def test_diffusion_tiny_trains_and_interpolate_loads_its_checkpoint(thin_volumes
     assert train_vae.main(_vae_args(thin_volumes, vae, 2, "--set", "train.steps_per_epoch=2")) == 0
     out = tmp_path / "diffusion"
     cache = tmp_path / "cache"
-    from ctsliceinterp.preprocess import preprocess_dataset
+    from ctsliceinterp.data.preprocess import preprocess_dataset
 
     dataset = tmp_path / "dataset" / "chest"
     dataset.mkdir(parents=True)

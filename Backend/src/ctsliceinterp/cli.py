@@ -9,7 +9,7 @@ import logging
 import sys
 
 from . import __version__
-from .errors import Cancelled, CTSliceInterpError
+from .core.errors import Cancelled, CTSliceInterpError
 
 # (name, module under ctsliceinterp.commands, one-line help)
 SUBCOMMANDS = [

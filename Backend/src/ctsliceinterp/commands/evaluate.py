@@ -37,11 +37,11 @@ def configure_parser(parser) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    from ..errors import InputError
-    from ..evaluate import evaluate_methods, format_table, real_pair_case, simulated_case, write_json, write_summary
+    from ..core.errors import InputError
+    from ..evaluation.evaluate import evaluate_methods, format_table, real_pair_case, simulated_case, write_json, write_summary
     from ..io import read_volume
     from ..io.atomic import check_output_path
-    from ..run import available_methods
+    from ..api import available_methods
     from .common import TqdmProgress
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -97,7 +97,7 @@ def main(args) -> int:
         write_json(evaluation, args.json, {"command": command} if command else None)
         print(f"wrote {args.json}")
     if report_dir is not None:
-        from ..figures import evaluation_figures
+        from ..evaluation.figures import evaluation_figures
 
         outputs = {m: r.output for m, r in evaluation.results.items()}
         figures = evaluation_figures(case.thick, outputs, case.reference, report_dir, title=name)
@@ -110,10 +110,10 @@ def _main_cache(args, methods: list[str]) -> int:
     """``--cache CACHE --split S``: every case of the split, one report folder."""
     from pathlib import Path
 
-    from ..errors import InputError
-    from ..evaluate_cache import evaluate_split
+    from ..core.errors import InputError
+    from ..evaluation.evaluate_cache import evaluate_split
     from ..io.atomic import check_output_path
-    from ..run import available_methods
+    from ..api import available_methods
     from .common import TqdmProgress
 
     if args.thin or args.thick or args.thickness:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..grid import DEFAULT_SPACING_MM
-from ..classical import CLASSICAL_METHODS
-from ..run import DEFAULT_METHOD, available_methods
+from ..core.grid import DEFAULT_SPACING_MM
+from ..core.classical import CLASSICAL_METHODS
+from ..api import DEFAULT_METHOD, available_methods
 from .common import TqdmProgress, add_input_arguments
 
 
@@ -35,8 +35,8 @@ def configure_parser(parser) -> None:
 
 
 def build_request(args, reference_geometry=None):
-    from ..errors import InputError
-    from ..run import InterpolationRequest
+    from ..core.errors import InputError
+    from ..api import InterpolationRequest
 
     if args.samples < 1:
         raise InputError("--samples must be at least 1")
@@ -65,7 +65,7 @@ def build_request(args, reference_geometry=None):
 def main(args) -> int:
     from ..io import read_volume, write_volume
     from ..io.atomic import check_output_path
-    from ..run import interpolate
+    from ..api import interpolate
 
     inputs = [args.input, args.like]
     check_output_path(args.output, inputs)
@@ -77,7 +77,7 @@ def main(args) -> int:
     progress = TqdmProgress(enabled=not args.no_progress)
     try:
         if args.server:
-            from ..client import interpolate_remote
+            from ..serving.client import interpolate_remote
 
             result = interpolate_remote(args.server, volume, request, token_file=args.token_file, progress=progress)
         else:
@@ -99,8 +99,8 @@ def main(args) -> int:
 
 def write_comparison_figure(thick, result, path, inputs) -> None:
     """thick | method output | B-spline (computed here when the method is not B-spline)."""
-    from ..classical import interpolate_classical
-    from ..figures import comparison_figure
+    from ..core.classical import interpolate_classical
+    from ..evaluation.figures import comparison_figure
     from ..io.atomic import check_output_path
 
     check_output_path(path, inputs)

@@ -24,8 +24,8 @@ def configure_parser(parser) -> None:
 
 
 def main(args) -> int:
-    from ..errors import InputError
-    from ..preprocess import PreprocessOptions, preprocess_dataset, split_summary, summary_table
+    from ..core.errors import InputError
+    from ..data.preprocess import PreprocessOptions, preprocess_dataset, split_summary, summary_table
 
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")

@@ -39,12 +39,12 @@ def main(args) -> int:
 
     import uvicorn
 
-    from ..errors import InputError
-    from ..run import DEFAULT_MODEL, shipped_model_available
+    from ..core.errors import InputError
+    from ..api import DEFAULT_MODEL, shipped_model_available
     from ..io.atomic import atomic_file
-    from ..server import ServerConfig, create_app
-    from ..server.auth import check_bind_allowed, read_token
-    from ..server.config import MiB
+    from ..serving.server import ServerConfig, create_app
+    from ..serving.server.auth import check_bind_allowed, read_token
+    from ..serving.server.config import MiB
 
     token = read_token(args.token_file)
     check_bind_allowed(args.host, token)
@@ -58,7 +58,7 @@ def main(args) -> int:
     if args.max_upload_mb <= 0 or args.queue_size < 1 or args.max_held_gb <= 0:
         raise InputError("--max-upload-mb and --max-held-gb must be > 0, and --queue-size >= 1")
 
-    logging.getLogger("ctsliceinterp.server").setLevel(args.log_level.upper())
+    logging.getLogger("ctsliceinterp.serving.server").setLevel(args.log_level.upper())
     models = list(args.model)
     if not models and not args.no_default_model and shipped_model_available():
         models = [DEFAULT_MODEL]

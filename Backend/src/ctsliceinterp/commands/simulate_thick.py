@@ -13,7 +13,7 @@ def configure_parser(parser) -> None:
 
 
 def main(args) -> int:
-    from ..acquisition import simulate_thick
+    from ..core.acquisition import simulate_thick
     from ..io import read_volume, write_volume
     from ..io.atomic import check_output_path
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InputError, OutputError
-from ..volume import Volume
+from ..core.errors import InputError, OutputError
+from ..core.volume import Volume
 from .atomic import atomic_directory, atomic_file, atomic_header_and_data, check_output_path
 from .itk import ITK_SUFFIXES, read_itk, write_itk
 

@@ -1,17 +1,115 @@
-"""Atomic writes: write to a temporary file next to the target, then rename over it.
+"""Atomic, verified writes: write to a temporary file next to the target, check it, then rename over it.
 
-A crash or a cancel never leaves a half-written output, and the input is never overwritten."""
+A crash, a cancel or a full disk never leaves a half-written output: the old output stays intact until
+the new one is complete and synced, and the input is never overwritten. File-system errors (a full disk,
+a read-only mount, a file-size limit...) become one-line ``OutputError`` messages that name the problem,
+also when the library that wrote the file hid them (see ``WriteFailed``)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import OutputError
+from ..core.errors import OutputError
+
+# What the user is told for the errors a write can meet.
+WRITE_PROBLEMS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the folder is on a read-only file system",
+    errno.EFBIG: "the file is larger than the file system or this process's file-size limit (ulimit -f) allows",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "input/output error on the device",
+}
+PROBE_BYTES = 64 * 1024
+
+
+class WriteFailed(OutputError):
+    """A writer found its output incomplete, or its library reported a failure without the operating
+    system's reason (ITK prints "wrote only ... bytes" and carries on). The atomic writers turn it into
+    the reason (``write_error``); the message is the detail used when no reason is found."""
+
+
+def write_error(target: str | os.PathLike, exc: OSError | None = None, partial: Path | None = None,
+                detail: str = "") -> OutputError:
+    """One line for a failed write of ``target``: the reason of ``exc``, else the reason a probe write
+    into the ``partial`` output meets now (a full disk, a file-size limit), else ``detail``."""
+    target = Path(target)
+    if exc is None and partial is not None:
+        exc = _probe(partial)
+    if exc is not None:
+        code = errno.errorcode.get(exc.errno or 0)
+        problem = WRITE_PROBLEMS.get(exc.errno) or exc.strerror or str(exc)
+        problem += f" ({code})" if code else ""
+    else:
+        problem = detail or "the write failed"
+    kept = f"; the existing {target.name} is unchanged" if target.exists() else ""
+    return OutputError(f"cannot write {target}: {problem}{kept}")
+
+
+def _probe(partial: Path) -> OSError | None:
+    """Append a little to the partial output (its largest file, for a folder) and sync it: on a full disk
+    or at a file-size limit this fails with the reason the library did not pass on."""
+    files = [p for p in partial.rglob("*") if p.is_file()] if partial.is_dir() else [partial]
+    target = max(files, key=lambda p: p.stat().st_size) if files else partial / ".probe"
+    try:
+        with open(target, "ab") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    return None
+
+
+@contextlib.contextmanager
+def _one_line_errors(target: Path, partial: Path | None = None) -> Iterator[None]:
+    try:
+        yield
+    except WriteFailed as exc:
+        raise write_error(target, partial=partial, detail=str(exc)) from None
+    except OSError as exc:
+        raise write_error(target, exc) from None
+
+
+def _sync(path: Path) -> None:
+    """Flush a file (every file of a folder) to the device: a delayed write error (network file
+    systems, delayed allocation) surfaces here, before the rename, not after."""
+    for item in (p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable; not every platform or file system can sync a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` (inside an atomic writer's temporary folder), sync it and check its length."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        written = os.fstat(f.fileno()).st_size
+    if written != len(data):
+        raise WriteFailed(f"{path.name} holds {written} of {len(data)} bytes")
+    return path
 
 
 def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -53,20 +151,30 @@ def _give_default_permissions(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def _temporary_folder(target: Path, suffix: str = ".partial") -> Path:
+    with _one_line_errors(target):
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it to ``target``.
+    """Yield a temporary path in the target's folder; on success sync it and rename it to ``target``.
 
-    ``suffix`` keeps the extension so that writers choosing the format by name still work."""
+    ``suffix`` keeps the extension so that writers choosing the format by name still work. The writer
+    checks what it wrote (raising ``WriteFailed``) when its library may not report a short write."""
     target = Path(target)
     suffix = suffix if suffix is not None else "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
-    os.close(fd)
+    with _one_line_errors(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        _give_default_permissions(tmp_path)
-        os.replace(tmp_path, target)
+        with _one_line_errors(target, tmp_path):
+            yield tmp_path
+            _sync(tmp_path)
+            _give_default_permissions(tmp_path)
+            os.replace(tmp_path, target)
+            _sync_folder(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -78,34 +186,45 @@ def atomic_header_and_data(target: str | os.PathLike) -> Iterator[Path]:
     ``target``'s name inside a temporary folder next to it; on success move the data files into
     place first and the header last, so the header never points at a missing or partial file."""
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = _temporary_folder(target)
     try:
-        yield tmp / target.name
-        header = tmp / target.name
-        _give_default_permissions(tmp)
-        for item in sorted(tmp.iterdir()):
-            if item != header:
-                os.replace(item, target.parent / item.name)
-        os.replace(header, target)
+        with _one_line_errors(target, tmp):
+            yield tmp / target.name
+            header = tmp / target.name
+            _sync(tmp)
+            _give_default_permissions(tmp)
+            for item in sorted(tmp.iterdir()):
+                if item != header:
+                    os.replace(item, target.parent / item.name)
+            os.replace(header, target)
+            _sync_folder(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``target``; on success it replaces ``target``."""
+    """Yield a temporary folder next to ``target``; on success (every file synced) it replaces ``target``."""
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = _temporary_folder(target)
     try:
-        yield tmp
-        _give_default_permissions(tmp)
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, backup / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _one_line_errors(target, tmp):
+            yield tmp
+            _sync(tmp)
+            _give_default_permissions(tmp)
+            if target.exists():
+                backup = _temporary_folder(target, ".old")
+                os.replace(target, backup / "old")
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(backup / "old", target)  # put the old folder back
+                    raise
+                finally:
+                    shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            _sync_folder(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

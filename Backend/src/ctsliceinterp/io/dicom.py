@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import GeometryError, InputError, OutputError
-from ..volume import Geometry, Volume
+from ..core.errors import GeometryError, InputError, OutputError
+from ..core.volume import Geometry, Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CASE_SERIES_FOLDERS = {"thick": "1", "thin": "2"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
-from ..volume import Volume
+from ..core.errors import InputError
+from ..core.volume import Volume
 
 # A label map is integral, non-negative and holds few distinct values; a CT in HU has air
 # (about -1000) and thousands of distinct values. These bounds leave every real CT alone.

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CTSliceInterpError
+from ..core.errors import CTSliceInterpError
 
 
 class ConfigError(CTSliceInterpError):

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import CTSliceInterpError
-from .models.configs import ConfigError, ModelConfig
+from ..core.errors import CTSliceInterpError
+from ..models.configs import ConfigError, ModelConfig
 
 FORMAT_NAME = "ctsliceinterp-latent-diffusion"
 FORMAT_VERSION = 1
 MANIFEST = "model.json"
 VAE_FILE = "vae.safetensors"
 UNET_FILE = "unet.safetensors"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 
 
 class CheckpointError(CTSliceInterpError):
@@ -59,7 +59,7 @@ def save_checkpoint(folder, vae, unet, config: ModelConfig, latent_scale: float,
     """Write ``vae`` (+ ``unet`` unless None) with ``config`` and the measured ``latent_scale``."""
     from safetensors.torch import save_file
 
-    from .io.atomic import atomic_directory
+    from ..io.atomic import atomic_directory
 
     latent_scale = float(latent_scale)
     if not (math.isfinite(latent_scale) and latent_scale > 0):
@@ -130,8 +130,8 @@ def load_checkpoint(path_or_name, device="cpu", require_unet: bool = False) -> C
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.unet import UNet3D
-    from .models.vae import SliceVAE
+    from ..models.unet import UNet3D
+    from ..models.vae import SliceVAE
 
     folder = resolve_model(path_or_name)
     manifest = read_manifest(folder)

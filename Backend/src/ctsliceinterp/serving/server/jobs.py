@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..errors import Cancelled, CTSliceInterpError
-from ..progress import ProgressEvent
-from ..run import DIFFUSION_METHOD, InterpolationRequest, InterpolationResult, interpolate
-from ..volume import Geometry, Volume
+from ...core.errors import Cancelled, CTSliceInterpError
+from ...core.progress import ProgressEvent
+from ...api import DIFFUSION_METHOD, InterpolationRequest, InterpolationResult, interpolate
+from ...core.volume import Geometry, Volume
 from .config import ServerConfig
 from .models import ModelRegistry
 
-log = logging.getLogger("ctsliceinterp.server")
+log = logging.getLogger("ctsliceinterp.serving.server")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)

@@ -8,7 +8,7 @@ import socket
 from typing import Optional
 
 from ..client import TOKEN_ENV, read_token  # noqa: F401 - one token reader for both sides
-from ..errors import InputError
+from ...core.errors import InputError
 
 MIN_TOKEN_LENGTH = 16
 

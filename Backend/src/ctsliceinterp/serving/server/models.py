@@ -3,7 +3,7 @@
 The registry knows the models the operator named with ``--model`` (a name or a checkpoint
 folder). Clients choose among those by name only, so a request can never make the server load
 an arbitrary path. A model loads on first use (or at start-up with ``preload``) through
-``ctsliceinterp.pipeline.Interpolator.load(path_or_name, device)`` and then stays in memory.
+``ctsliceinterp.pipelines.diffusion.Interpolator.load(path_or_name, device)`` and then stays in memory.
 When the pipeline module (or torch) is not there, the server still starts and serves the
 classical methods; diffusion requests get a clear 4xx instead.
 """
@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ..classical import CLASSICAL_METHODS
-from ..errors import InputError
+from ...core.classical import CLASSICAL_METHODS
+from ...core.errors import InputError
 
-log = logging.getLogger("ctsliceinterp.server")
+log = logging.getLogger("ctsliceinterp.serving.server")
 
 CLASSICAL_DESCRIPTIONS = {
     "linear": "linear interpolation along the slice axis (classical baseline)",
@@ -37,7 +37,7 @@ def model_name(spec: str) -> str:
 
 def pipeline_available() -> bool:
     try:
-        return importlib.util.find_spec("ctsliceinterp.pipeline") is not None
+        return importlib.util.find_spec("ctsliceinterp.pipelines.diffusion") is not None
     except (ImportError, ValueError):
         return False
 
@@ -95,7 +95,7 @@ class ModelRegistry:
             if name not in self._loaded:
                 log.info("loading model %s on %s", name, self.device)
                 try:
-                    pipeline = importlib.import_module("ctsliceinterp.pipeline")
+                    pipeline = importlib.import_module("ctsliceinterp.pipelines.diffusion")
                     self._loaded[name] = pipeline.Interpolator.load(self.specs[name], self.device)
                 except Exception as exc:  # noqa: BLE001 - reported to clients, server keeps serving
                     self._errors[name] = f"{type(exc).__name__}: {exc}"

@@ -27,9 +27,9 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import CTSliceInterpError
-from .io.atomic import atomic_directory, atomic_file
-from .volume import Geometry, Volume
+from ..core.errors import CTSliceInterpError
+from ..io.atomic import atomic_directory, atomic_file
+from ..core.volume import Geometry, Volume
 
 FORMAT_NAME = "ctsliceinterp-cache"
 FORMAT_VERSION = 1

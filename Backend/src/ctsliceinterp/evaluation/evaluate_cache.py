@@ -35,9 +35,9 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from . import cache as cache_format
+from ..data import cache as cache_format
 from . import metrics
-from .errors import CTSliceInterpError, InputError
+from ..core.errors import CTSliceInterpError, InputError
 from .evaluate import (
     COLUMNS,
     Evaluation,
@@ -50,9 +50,9 @@ from .evaluate import (
     real_pair_case,
 )
 from .evaluate import write_json as write_case_json
-from .io.atomic import atomic_file
-from .run import DEFAULT_MODEL, DIFFUSION_METHOD
-from .volume import Geometry, Volume
+from ..io.atomic import atomic_file
+from ..api import DEFAULT_MODEL, DIFFUSION_METHOD
+from ..core.volume import Geometry, Volume
 
 SCORE_KEYS = [key for key, _, _ in COLUMNS]
 
@@ -147,7 +147,7 @@ def evaluate_split(
     report = SplitReport(str(cache), split, methods, [], crop)
     interpolator = None
     if DIFFUSION_METHOD in methods:  # load the model once for the whole split
-        from .pipeline import Interpolator
+        from ..pipelines.diffusion import Interpolator
 
         opts = dict(options or {})
         interpolator = Interpolator.load(opts.get("model") or DEFAULT_MODEL, device=opts.get("device", "auto"))

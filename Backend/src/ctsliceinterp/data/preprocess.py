@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from . import cache as cache_format
-from .errors import CTSliceInterpError, GeometryError, InputError
-from .volume import Geometry, Volume
+from ..core.errors import CTSliceInterpError, GeometryError, InputError
+from ..core.volume import Geometry, Volume
 
 THICK_FOLDER, THIN_FOLDER = "1", "2"
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -199,7 +199,7 @@ def pair_by_position(thick: Volume, thin: Volume) -> tuple[Volume, Volume, dict[
     Thick slices are kept when their centre lies inside the thin coverage; thin slices when they
     lie inside the thick coverage (first slab start .. last slab end). Returns both crops and
     the overlap record."""
-    from .grid import like_grid
+    from ..core.grid import like_grid
 
     if np.dot(thick.geometry.normal, thin.geometry.normal) < -0.5:
         thin = reverse_slices(thin)  # stored in the opposite slice order: same voxels, same positions
@@ -260,7 +260,7 @@ def _dicom_info(volume: Volume) -> dict[str, Any]:
 
 
 def read_pair(source: CaseSource) -> tuple[Volume, Volume]:
-    from .io.dicom import read_case
+    from ..io.dicom import read_case
 
     path = Path(source.path)
     check_case_layout(_member_names(path), source.path)
@@ -287,8 +287,8 @@ def process_case(source: CaseSource, cache: str, options: PreprocessOptions) -> 
             thick, thin, pairing = pair_by_position(thick, thin)
             origin = "real pair"
         else:
-            from .acquisition import simulate_thick
-            from .io import read_volume
+            from ..core.acquisition import simulate_thick
+            from ..io import read_volume
 
             try:
                 thin = read_volume(path)

@@ -28,11 +28,11 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from . import metrics
-from .acquisition import consistency_mae, simulate_thick
-from .errors import InputError
-from .io.atomic import atomic_file
-from .run import InterpolationRequest, interpolate
-from .volume import Volume
+from ..core.acquisition import consistency_mae, simulate_thick
+from ..core.errors import InputError
+from ..io.atomic import atomic_file
+from ..api import InterpolationRequest, interpolate
+from ..core.volume import Volume
 
 POSITION_TOLERANCE_MM = 1e-3
 
@@ -138,7 +138,7 @@ def covered_reference(thick: Volume, reference: Volume) -> Volume:
 
 def real_pair_case(thick: Volume, reference: Volume, name: str = "") -> EvaluationCase:
     """A real thick series and the thin series of the same scan."""
-    from .grid import like_grid
+    from ..core.grid import like_grid
 
     like_grid(thick.geometry, reference.geometry)  # same in-plane grid and parallel slices, else a clear error
     if reference.geometry.slice_spacing >= thick.geometry.slice_spacing:

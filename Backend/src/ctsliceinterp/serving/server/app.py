@@ -21,10 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .. import __version__
-from ..errors import CTSliceInterpError
+from ... import __version__
+from ...core.errors import CTSliceInterpError
 from ..nrrd_bytes import little_endian_array, nrrd_header, volume_from_nrrd_bytes
-from ..run import CLASSICAL_FALLBACK, DIFFUSION_METHOD, target_geometry
+from ...api import CLASSICAL_FALLBACK, DIFFUSION_METHOD, target_geometry
 from .auth import token_matches
 from .config import ServerConfig
 from .jobs import DONE, FINISHED, Job, JobManager, QueueFull
@@ -32,7 +32,7 @@ from .models import ModelRegistry
 from .params import parse_params, request_from_params
 from .upload import UploadStalled, UploadTooLarge, content_length, read_body, split_multipart
 
-log = logging.getLogger("ctsliceinterp.server")
+log = logging.getLogger("ctsliceinterp.serving.server")
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 PARAMS_HEADER = "x-ctsliceinterp-params"

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CTSliceInterpError, InputError
-from .volume import Geometry, Volume
+from ..core.errors import CTSliceInterpError, InputError
+from ..core.volume import Geometry, Volume
 
 MAGIC = re.compile(rb"^NRRD000[1-5]$")
 MAX_HEADER_BYTES = 64 * 1024

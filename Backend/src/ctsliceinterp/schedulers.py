@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .core.errors import InputError
 from .models.configs import SAMPLERS, DiffusionConfig
 
 

@@ -9,10 +9,10 @@ import math
 import re
 from typing import Any
 
-from ..errors import InputError
-from ..grid import DEFAULT_SPACING_MM
+from ...core.errors import InputError
+from ...core.grid import DEFAULT_SPACING_MM
 from ..nrrd_bytes import geometry_from_dict
-from ..run import DEFAULT_METHOD, InterpolationRequest, available_methods
+from ...api import DEFAULT_METHOD, InterpolationRequest, available_methods
 
 ALLOWED_FIELDS = ("method", "spacing", "target", "model", "steps", "sampler", "samples", "consistency", "seed")
 MAX_PARAMS_BYTES = 16 * 1024

@@ -10,7 +10,7 @@ from typing import Optional
 
 from starlette.requests import Request
 
-from ..errors import InputError
+from ...core.errors import InputError
 
 
 class UploadTooLarge(Exception):

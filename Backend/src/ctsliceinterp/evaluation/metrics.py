@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from ..core.errors import InputError
 
 PROTOCOL_HU_RANGE = (-1024.0, 2048.0)
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width (HU)

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .classical import CLASSICAL_METHODS, interpolate_classical
-from .errors import InputError
-from .grid import DEFAULT_SPACING_MM, like_grid, thin_grid
-from .progress import ProgressCallback, as_reporter
-from .volume import Geometry, Volume
+from .core.classical import CLASSICAL_METHODS, interpolate_classical
+from .core.errors import InputError
+from .core.grid import DEFAULT_SPACING_MM, like_grid, thin_grid
+from .core.progress import ProgressCallback, as_reporter
+from .core.volume import Geometry, Volume
 
 DIFFUSION_METHOD = "diffusion"
 DEFAULT_MODEL = "default"  # the model shipped in ctsliceinterp/models/weights/default
@@ -88,7 +88,7 @@ def interpolate(
     if request.method in CLASSICAL_METHODS:
         result = InterpolationResult(interpolate_classical(volume, target, request.method, reporter))
     elif request.method == DIFFUSION_METHOD:
-        from .pipeline import run_diffusion  # torch and the model load only when needed
+        from .pipelines.diffusion import run_diffusion  # torch and the model load only when needed
 
         result = run_diffusion(volume, target, request, reporter, interpolator)
     else:

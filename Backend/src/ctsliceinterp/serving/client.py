@@ -28,10 +28,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import Cancelled, CTSliceInterpError, InputError
+from ..core.errors import Cancelled, CTSliceInterpError, InputError
 from .nrrd_bytes import geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_parts
-from .progress import ProgressEvent
-from .volume import Geometry, Volume
+from ..core.progress import ProgressEvent
+from ..core.volume import Geometry, Volume
 
 TOKEN_ENV = "CTSLICEINTERP_TOKEN"
 PARAMS_HEADER = "X-CTSliceInterp-Params"
@@ -478,7 +478,7 @@ def interpolate_remote(url, volume, request, token_file=None, token=None, progre
     The token is ``token``, else the first line of ``token_file``, else ``$CTSLICEINTERP_TOKEN``.
     Only voxels and geometry are sent; the input's metadata (DICOM tags) goes back onto the result
     here, as the local path does."""
-    from .run import InterpolationResult  # not needed by GUI users of Client
+    from ..api import InterpolationResult  # not needed by GUI users of Client
 
     client = Client(url, token=token or read_token(token_file), **client_options)
     start = time.perf_counter()

@@ -27,15 +27,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .acquisition import apply_along_slices, slab_weights
+from ..core.acquisition import apply_along_slices, slab_weights
 from .checkpoint import Checkpoint, load_checkpoint
-from .classical import interpolate_classical
-from .diffusion import sample, sampling_scheduler
-from .errors import GeometryError, InputError
-from .grid import fractional_indices
-from .models.configs import SAMPLERS, IntensityWindow, ModelConfig
-from .progress import Reporter, as_reporter
-from .volume import Geometry, Volume
+from ..core.classical import interpolate_classical
+from ..schedulers import sample, sampling_scheduler
+from ..core.errors import GeometryError, InputError
+from ..core.grid import fractional_indices
+from ..models.configs import SAMPLERS, IntensityWindow, ModelConfig
+from ..core.progress import Reporter, as_reporter
+from ..core.volume import Geometry, Volume
 
 # Width of the ramp (fraction of the window width) over which the output passes from the model
 # to the classical interpolation at each window edge.
@@ -356,7 +356,7 @@ class Interpolator:
 
 def run_diffusion(volume: Volume, target: Geometry, request, reporter, interpolator: Optional[Interpolator] = None):
     """``run.interpolate``'s diffusion branch: load the requested model unless one is given."""
-    from .run import InterpolationResult
+    from ..api import InterpolationResult
 
     if interpolator is None:
         interpolator = Interpolator.load(request.model or "default", device=request.device, compile=bool(request.extra.get("compile", False)))

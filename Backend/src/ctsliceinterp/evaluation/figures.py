@@ -12,8 +12,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .io.atomic import atomic_file
-from .volume import Volume
+from ..io.atomic import atomic_file
+from ..core.volume import Volume
 
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width (HU)
 
