@@ -15,12 +15,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: Backend/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# Never pull the multi-GB CUDA torch on a CPU machine: prefer a local CPU wheel, else the CPU index.
+	@# Never pull the multi-GB CUDA torch on a CPU machine: the +cpu local version matches only a CPU build
+	@# (a local wheel pip can find, its dependencies from the usual index), else the PyTorch CPU index.
 	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null; then \
 		echo "torch $(TORCH_VERSION) already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
-	elif $(BIN)/pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+	elif $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null; then \
 		echo "torch $(TORCH_VERSION): local CPU build"; \
 	else \
 		$(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \

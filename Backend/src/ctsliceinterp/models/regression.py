@@ -1,0 +1,137 @@
+"""The through-plane regression network: a 2.5-D residual U-Net on axial slices.
+
+For each thin slice it predicts a correction, in HU, to the classical (B-spline) estimate of that
+slice, from the estimate itself, the thick slices around it and where the slice stands between
+them (``pipelines.regression.network_inputs`` builds those channels, for training and inference
+alike). Full in-plane resolution: the input is folded 2 x 2 into channels (pixel unshuffle), two
+stride-2 stages widen the in-plane receptive field to about 100 pixels, and the output is unfolded
+again. The last layer starts at zero, so an untrained network returns the classical estimate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+WEIGHTS_FILE = "regression.safetensors"
+CONFIG_FILE = "regression.json"
+
+
+@dataclass(frozen=True)
+class RegressionConfig:
+    """Explicit architecture config (saved next to the weights)."""
+
+    neighbours: int = 4  # thick slices given to the network: neighbours // 2 on each side
+    widths: tuple[int, int, int] = (32, 64, 96)  # channels at 1/2, 1/4 and 1/8 of the in-plane size
+    fold: int = 2  # pixel-unshuffle factor of the input
+    hu_scale: float = 1000.0  # HU per network unit, in and out
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + self.neighbours + 3  # estimate, neighbour differences, 3 position channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.fold * 4  # input sizes are padded to this (two stride-2 stages)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RegressionConfig":
+        known = {k: data[k] for k in ("neighbours", "widths", "fold", "hu_scale", "extra") if k in data}
+        if "widths" in known:
+            known["widths"] = tuple(int(w) for w in known["widths"])
+        return cls(**known)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+class _Stage(nn.Sequential):
+    def __init__(self, cin: int, cout: int, convs: int, stride: int = 1):
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += [_conv(cin if i == 0 else cout, cout, stride if i == 0 else 1), nn.LeakyReLU(0.2, inplace=True)]
+        super().__init__(*layers)
+
+
+class ThroughPlaneNet(nn.Module):
+    """(B, in_channels, H, W) network inputs -> (B, 1, H, W) correction in network units."""
+
+    def __init__(self, config: RegressionConfig = RegressionConfig()):
+        super().__init__()
+        self.config = config
+        w0, w1, w2 = config.widths
+        f = config.fold
+        self.fold_in = nn.PixelUnshuffle(f)
+        self.stem = _Stage(config.in_channels * f * f, w0, 2)
+        self.down1 = _Stage(w0, w1, 2, stride=2)
+        self.down2 = _Stage(w1, w2, 3, stride=2)
+        self.reduce2 = nn.Conv2d(w2, w1, 1)
+        self.up1 = _Stage(w1, w1, 1)
+        self.reduce1 = nn.Conv2d(w1, w0, 1)
+        self.up0 = _Stage(w0, w0, 1)
+        self.head = _conv(w0, f * f)
+        self.fold_out = nn.PixelShuffle(f)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        height, width = inputs.shape[-2:]
+        m = self.config.size_multiple
+        pad_h, pad_w = (-height) % m, (-width) % m
+        if pad_h or pad_w:
+            inputs = F.pad(inputs, (0, pad_w, 0, pad_h), mode="replicate")
+        s0 = self.stem(self.fold_in(inputs))
+        s1 = self.down1(s0)
+        s2 = self.down2(s1)
+        u1 = self.up1(F.interpolate(self.reduce2(s2), size=s1.shape[-2:], mode="nearest") + s1)
+        u0 = self.up0(F.interpolate(self.reduce1(u1), size=s0.shape[-2:], mode="nearest") + s0)
+        out = self.fold_out(self.head(u0))
+        return out[..., :height, :width]
+
+    # --- the save/load pair (diffusers style) ---------------------------------------------
+    def save_pretrained(self, folder: str | Path, info: dict | None = None) -> Path:
+        """Weights (safetensors) and config (JSON), each written atomically, then read back."""
+        from safetensors.torch import save_file
+
+        from ..io.atomic import atomic_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_file(folder / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+            if not load_state(tmp).keys() == state.keys():
+                raise OSError(f"the weights written to {tmp} do not read back")
+        with atomic_file(folder / CONFIG_FILE) as tmp:
+            Path(tmp).write_text(json.dumps({"config": self.config.to_dict(), "info": info or {}}, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "ThroughPlaneNet":
+        folder = Path(folder)
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        model = cls(RegressionConfig.from_dict(meta["config"]))
+        model.load_state_dict(load_state(folder / WEIGHTS_FILE))
+        return model.eval()
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
