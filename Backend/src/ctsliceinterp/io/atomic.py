@@ -75,6 +75,8 @@ def _one_line_errors(target: Path, partial: Path | None = None) -> Iterator[None
     except WriteFailed as exc:
         raise write_error(target, partial=partial, detail=str(exc)) from None
     except OSError as exc:
+        if exc.errno is None:  # re-raised by a library without its errno (pydicom adds a traceback instead)
+            raise write_error(target, partial=partial, detail=str(exc).splitlines()[0]) from None
         raise write_error(target, exc) from None
 
 
