@@ -14,6 +14,7 @@ result).
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import ipaddress
 import json
@@ -23,6 +24,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -88,6 +90,64 @@ class ServerBusy(ClientError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# --- progress ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobProgress(ProgressEvent):
+    """One step of ``Client.run``, with what a progress bar and a status line need.
+
+    ``state``: uploading | queued | running | downloading | done. ``stage``/``done``/``total``
+    are the server's (e.g. "sample", 12, 50) while running; ``fraction`` is 0..1 of that stage
+    (1.0 once done). ``queue_position`` is 1 for the next job to run and 0 when not waiting;
+    ``eta_seconds`` is None until the server knows it. ``message`` is one line for a status box."""
+
+    state: str = "running"
+    queue_position: int = 0
+    eta_seconds: Optional[float] = None
+    message: str = ""
+    job_id: Optional[str] = None
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.state == "done" else ProgressEvent.fraction.fget(self)
+
+    @classmethod
+    def from_status(cls, status: dict, job_id: str) -> "JobProgress":
+        state = status.get("state") or "running"
+        eta = status.get("eta_seconds")
+        eta = float(eta) if isinstance(eta, (int, float)) and not isinstance(eta, bool) else None
+        if state == "queued":
+            position = _int(status.get("queue_position"))
+            where = f" (position {position})" if position else ""
+            return cls("queued", 0, 0, state="queued", queue_position=position, eta_seconds=eta,
+                       message=f"waiting in the server queue{where}" + _eta_text(eta), job_id=job_id)
+        stage, done, total = str(status.get("stage") or state), _int(status.get("done")), _int(status.get("total"))
+        message = f"{stage} {100 * min(1.0, done / total) if total > 0 else 0:.0f}%" + _eta_text(eta)
+        return cls(stage, done, total, state="running", eta_seconds=eta, message=message, job_id=job_id)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "fraction": self.fraction}
+
+
+def _eta_text(eta: Optional[float]) -> str:
+    return f", about {eta:.0f} s left" if eta else ""
+
+
+def _int(value) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+class _Reporter:
+    """Calls ``progress`` only when the event changed (a long-poll may answer the same status twice)."""
+
+    def __init__(self, progress: Optional[Callable[[JobProgress], None]]):
+        self.progress, self.last = progress, None
+
+    def __call__(self, event: JobProgress) -> None:
+        if self.progress is not None and event != self.last:
+            self.progress(event)
+        self.last = event
 
 
 # --- tokens ----------------------------------------------------------------------------------
@@ -366,43 +426,44 @@ class Client:
         self,
         volume: Volume,
         params: Optional[dict] = None,
-        progress: Optional[Callable[[ProgressEvent], None]] = None,
+        progress: Optional[Callable[[JobProgress], None]] = None,
         cancel: Optional[threading.Event] = None,
         poll_interval: float = 0.5,
         busy_timeout: float = 600.0,
     ) -> tuple[Volume, Optional[Volume]]:
-        """Submit, follow progress, fetch: blocking (scripts and the CLI, not a GUI thread).
+        """Submit, follow progress, fetch: blocking (scripts, the CLI, a GUI's worker thread).
 
-        Waits and resubmits while the server's queue is full (up to ``busy_timeout`` s). If
-        ``cancel`` is set, the server job is cancelled and ``JobCancelled`` raised."""
+        ``progress`` gets a ``JobProgress`` at each change: uploading, queued (with the queue
+        position), running (stage, fraction, ETA), downloading, done. Waits and resubmits while
+        the server's queue is full (up to ``busy_timeout`` s). If ``cancel`` is set, the server
+        job is cancelled and ``JobCancelled`` raised."""
+        report = _Reporter(progress)
         deadline = time.monotonic() + busy_timeout
         while True:
             _check_cancel(cancel)
+            report(JobProgress("upload", 0, 0, state="uploading", message=f"sending the volume to {self.url}"))
             try:
                 job_id = self.submit(volume, params)
                 break
             except ServerBusy as busy:
                 if time.monotonic() + busy.retry_after > deadline:
                     raise
+                report(JobProgress("busy", 0, 0, state="queued", message=f"the server is busy; trying again in {busy.retry_after:.0f} s"))
                 _sleep(busy.retry_after, cancel)
         try:
-            last = None
             while True:
                 if cancel is not None and cancel.is_set():
                     self._cancel_quietly(job_id)
                     raise JobCancelled("cancelled by the user")
                 status = self.status(job_id, wait=poll_interval)
-                state = status["state"]
                 _raise_for_state(status)
-                event = ProgressEvent("queued", 0, 1) if state == "queued" else ProgressEvent(
-                    status.get("stage") or state, int(status.get("done") or 0), int(status.get("total") or 0)
-                )
-                if progress is not None and event != last:
-                    progress(event)
-                last = event
-                if state == "done":
+                if status["state"] == "done":
                     break
-            return self.result(job_id, status)
+                report(JobProgress.from_status(status, job_id))
+            report(JobProgress("download", 0, 0, state="downloading", message="downloading the result", job_id=job_id))
+            result = self.result(job_id, status)
+            report(JobProgress("done", 1, 1, state="done", message="done", job_id=job_id))
+            return result
         except KeyboardInterrupt:
             self._cancel_quietly(job_id)
             raise
