@@ -37,6 +37,7 @@ from ctsliceinterp.pipelines.regression import network_inputs
 
 THICK_SLICES = 8  # thick slices simulated around the targets (B-spline's prefilter sees past the 4 neighbours)
 MIN_CROP_STD_HU = 30.0  # crops flatter than this (air, padding) are drawn again
+MAX_DRAWS = 8
 DATA_DEFAULTS = {
     "crop": 96, "thickness_mm": [3.0, 7.0], "overlap_probability": 0.3, "in_plane_probability": 0.25,
     "real_pair_probability": 0.1, "hu_scale_range": 0.03, "thin_volumes": {}, "real_pairs": {},
@@ -138,15 +139,20 @@ class ThroughPlaneDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch, int(index)])
-        for _ in range(8):
+        item = None
+        for _ in range(MAX_DRAWS):
             if self.pairs and rng.random() < self.settings["real_pair_probability"]:
-                item = self._real_pair_item(rng)
+                drawn = self._real_pair_item(rng)
             else:
-                item = self._simulated_item(rng)
-            if item is not None and float(item[3].std()) >= MIN_CROP_STD_HU:
+                drawn = self._simulated_item(rng)
+            item = drawn or item
+            if item is not None and float(item[2].std()) >= MIN_CROP_STD_HU:
                 break
-        thick, x, thin, truth, thickness, spacing = item
-        return self._finish(rng, thick, x, thin, truth, thickness, spacing)
+        if item is None:
+            from loop import TrainingError
+
+            raise TrainingError(f"no {self.crop}-pixel crop fits the volumes: lower data.crop or add larger volumes")
+        return self._finish(rng, *item)
 
     # --- one acquisition ----------------------------------------------------------------------
     def _simulated_item(self, rng: np.random.Generator):
@@ -186,7 +192,7 @@ class ThroughPlaneDataset(Dataset):
         inside = np.flatnonzero((positions >= centres[0]) & (positions <= centres[-1]))
         j = int(rng.choice(inside))
         x = np.array([(positions[j] - centres[0]) / spacing])
-        return thick, x, block, block[j], thickness, spacing
+        return thick, x, block[j], thickness, spacing
 
     def _real_pair_item(self, rng: np.random.Generator):
         pair = self.pairs[int(rng.integers(len(self.pairs)))]
@@ -202,9 +208,9 @@ class ThroughPlaneDataset(Dataset):
         j = int(rng.choice(inside))
         truth = pair.thin[j, y0 : y0 + self.crop, x0 : x0 + self.crop].astype(np.float32)
         x = np.array([(pair.thin_positions[j] - centres[0]) / pair.thick_spacing])
-        return thick, x, None, truth, pair.thickness, pair.thick_spacing
+        return thick, x, truth, pair.thickness, pair.thick_spacing
 
-    def _finish(self, rng, thick, x, _block, truth, thickness, spacing) -> dict[str, torch.Tensor]:
+    def _finish(self, rng, thick, x, truth, thickness, spacing) -> dict[str, torch.Tensor]:
         scale = 1.0 + float(rng.uniform(-1, 1)) * self.settings["hu_scale_range"]
         thick, truth = thick * scale, truth * scale
         if rng.random() < 0.5:

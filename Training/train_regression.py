@@ -99,5 +99,9 @@ def build_task(config, runtime, out):
     return RegressionTask(config, runtime, out)
 
 
+def main(argv=None) -> int:
+    return loop.run_main(build_task, argv, description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    raise SystemExit(loop.run_main(build_task, description=__doc__.splitlines()[0]))
+    raise SystemExit(main())
