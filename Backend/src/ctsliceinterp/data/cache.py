@@ -10,17 +10,23 @@ Layout of a cache (written by ``ctsliceinterp preprocess``)::
             case.json                     geometry of both (LPS), slice thickness, overlap, source...
         splits.json                       patient-level train/val/test lists of case keys
         report.json                       the last run's per-case status (ok / failed + reason)
+        .lock                             held by the run writing the cache (one run at a time)
 
 Arrays are plain ``.npy`` (no compression) so ``np.load(mmap_mode="r")`` reads a random crop
 without touching the rest of the volume. Intensities stay in HU: a window is applied at load
 time, so a different window needs no re-run. A case key is ``<category>/<case_id>``.
+
+A case counts as finished only when its manifest is there and each array's header and length match
+the manifest's geometry (a truncated copy is not taken for a finished case).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -38,6 +44,7 @@ CASE_MANIFEST = "case.json"
 CACHE_MANIFEST = "cache.json"
 SPLITS_FILE = "splits.json"
 REPORT_FILE = "report.json"
+LOCK_FILE = ".lock"
 SPLIT_NAMES = ("train", "val", "test")
 INT16_RANGE = (-32768, 32767)
 
@@ -107,13 +114,92 @@ def write_case(folder: str | os.PathLike, thick: Volume, thin: Volume, info: dic
     return folder
 
 
-def is_complete(folder: str | os.PathLike) -> bool:
-    """A finished case: its manifest (written last) parses and names this format."""
+def case_problem(folder: str | os.PathLike) -> Optional[str]:
+    """Why ``folder`` is not a finished, intact case, or None when it is: no manifest (unfinished),
+    another format version, or an array whose header or length does not match the manifest."""
     try:
-        manifest = json.loads((Path(folder) / CASE_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return manifest.get("format") == FORMAT_NAME and manifest.get("format_version") == FORMAT_VERSION
+        manifest = _read_manifest(Path(folder))
+    except CacheError as exc:
+        return str(exc)
+    return _arrays_problem(Path(folder), manifest)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / CASE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{folder} is not a cached case ({CASE_MANIFEST} missing: unfinished?)") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cannot read {path}: {exc}") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} case; re-run ctsliceinterp preprocess")
+    return manifest
+
+
+def _arrays_problem(folder: Path, manifest: dict[str, Any]) -> Optional[str]:
+    for which in ("thick", "thin"):
+        problem = _array_problem(folder / f"{which}.npy", tuple(manifest[which]["geometry"]["shape"]))
+        if problem:
+            return problem
+    return None
+
+
+def _array_problem(path: Path, shape: tuple[int, ...]) -> Optional[str]:
+    """The .npy header must say int16 of the manifest's shape, and the file hold exactly that many bytes."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            stored_shape, fortran, dtype = read_header(f)
+            data_start = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{path.name} is not a readable .npy array ({exc})"
+    if tuple(stored_shape) != shape or dtype != np.int16 or fortran:
+        return f"{path.name} holds {dtype} {tuple(stored_shape)}, the manifest says int16 {shape}"
+    expected = data_start + math.prod(shape) * 2
+    if size != expected:
+        return f"{path.name} is {'truncated' if size < expected else 'too long'}: {size} bytes instead of {expected}"
+    return None
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """A finished, intact case (see ``case_problem``)."""
+    return case_problem(folder) is None
+
+
+@contextlib.contextmanager
+def cache_lock(cache: str | os.PathLike) -> Iterator[None]:
+    """Held while a run writes the cache: a second run would have its half-written cases removed as
+    leftovers. The lock goes with the process, also when it is killed."""
+    import fcntl
+
+    path = Path(cache) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"another ctsliceinterp preprocess is writing {cache}: wait for it to end or choose another --out") from None
+        yield
+
+
+def remove_leftovers(cache: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted run left half-written: the temporary case folders of the atomic
+    writes (``cases/<category>/.<case_id>.*.partial`` and ``.old``) and temporary files of the cache's
+    JSON files. Call it holding ``cache_lock``. Returns what was removed."""
+    cache = Path(cache)
+    leftovers = [p for p in cache.glob(".*.partial*") if p.is_file()]
+    for category in (p for p in (cache / CASES_DIR).glob("*") if p.is_dir() and not p.name.startswith(".")):
+        leftovers += [p for p in category.glob(".*") if p.is_dir() and p.name.endswith((".partial", ".old"))]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
 
 
 @dataclass
@@ -126,15 +212,10 @@ class CachedCase:
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "CachedCase":
         folder = Path(folder)
-        path = folder / CASE_MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CacheError(f"{folder} is not a cached case ({CASE_MANIFEST} missing: unfinished?)") from None
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"cannot read {path}: {exc}") from None
-        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} case; re-run ctsliceinterp preprocess")
+        manifest = _read_manifest(folder)
+        problem = _arrays_problem(folder, manifest)
+        if problem:
+            raise CacheError(f"the cached case {folder} is damaged ({problem}): re-run ctsliceinterp preprocess")
         return cls(folder, manifest)
 
     @property
@@ -171,13 +252,14 @@ class CachedCase:
 
 
 def iter_cases(cache: str | os.PathLike) -> Iterator[CachedCase]:
-    """Every finished case of a cache, sorted by key (unfinished temporary folders are skipped)."""
+    """Every finished case of a cache, sorted by key (temporary folders are skipped; a damaged case
+    raises ``CacheError``)."""
     root = Path(cache) / CASES_DIR
     if not root.is_dir():
         raise CacheError(f"{cache} is not a training cache ({CASES_DIR}/ missing): run ctsliceinterp preprocess first")
     for category in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for folder in sorted(p for p in category.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if is_complete(folder):
+            if (folder / CASE_MANIFEST).exists():
                 yield CachedCase.open(folder)
 
 

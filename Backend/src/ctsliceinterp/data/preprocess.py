@@ -11,14 +11,20 @@ Dataset layout: category folders (``APE/``, ``non-APE/``, any names) under a roo
 Each case is read, checked, paired and written by a worker process; a broken case (corrupted
 ZIP, missing ``1/`` or ``2/``, nested folders, extra series, mismatched in-plane geometry...)
 is reported with its reason and skipped. Finished cases are skipped on a re-run (their source's
-size and modification time are recorded), and every write is atomic.
+size and modification time are recorded; a case whose arrays do not match its manifest, e.g. a
+truncated copy, is redone), and every write is atomic. Workers die with the run, even a ``kill -9``
+of it, and the next run removes what a killed run left half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import signal
+import sys
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +41,7 @@ THICK_FOLDER, THIN_FOLDER = "1", "2"
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_CATEGORY = "uncategorized"
 POSITION_TOLERANCE_MM = 0.05
+log = logging.getLogger(__name__)
 
 
 class CaseError(CTSliceInterpError):
@@ -278,7 +285,9 @@ def process_case(source: CaseSource, cache: str, options: PreprocessOptions) -> 
     try:
         path = Path(source.path)
         stamp = _source_stamp(path)
-        if not options.force and cache_format.is_complete(folder):
+        reuse = folder.exists() and not options.force
+        damage = cache_format.case_problem(folder) if reuse else None
+        if reuse and damage is None:
             case = cache_format.CachedCase.open(folder)
             if case.manifest.get("source", {}).get("stamp") == stamp:
                 return _result_from_case(result, case, "cached", time.perf_counter() - t0)
@@ -312,6 +321,8 @@ def process_case(source: CaseSource, cache: str, options: PreprocessOptions) -> 
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         cache_format.write_case(folder, thick, thin, info)
+        if damage:
+            result.reason = f"redone, the cached copy was damaged: {damage}"
         return _result_from_case(result, cache_format.CachedCase.open(folder), "ok", time.perf_counter() - t0)
     except CTSliceInterpError as exc:
         result.reason = str(exc).splitlines()[0]
@@ -340,6 +351,28 @@ def _process_case_args(args) -> CaseResult:
     return process_case(*args)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer. A pool's workers outlive a parent killed with ``kill -9`` (they wait on
+    its queue for ever, or go on writing to the cache), so each worker ends when its parent does:
+    on Linux the kernel sends it SIGKILL (PR_SET_PDEATHSIG; workers are started by the thread that
+    runs the pool, which lives as long as the pool); elsewhere a thread checks the parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before this worker could ask to follow it
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 # --- the dataset -----------------------------------------------------------------------------
 def preprocess_dataset(
     dataset: str | os.PathLike,
@@ -362,43 +395,48 @@ def preprocess_dataset(
     if Path(dataset).resolve() == cache.resolve() or Path(dataset).resolve() in cache.resolve().parents:
         raise InputError("the cache must not be inside the dataset folder: choose another --out")
     (cache / cache_format.CASES_DIR).mkdir(parents=True, exist_ok=True)
-    cache_format.write_json(cache / cache_format.CACHE_MANIFEST, {
-        "format": cache_format.FORMAT_NAME, "format_version": cache_format.FORMAT_VERSION,
-        "dataset": str(Path(dataset).resolve()), "options": asdict(options), "cases": len(sources),
-    })
+    with cache_format.cache_lock(cache):
+        left = cache_format.remove_leftovers(cache)
+        if left:
+            log.warning("removed %d half-written folder(s) or file(s) left in %s by an interrupted run", len(left), cache)
+        cache_format.write_json(cache / cache_format.CACHE_MANIFEST, {
+            "format": cache_format.FORMAT_NAME, "format_version": cache_format.FORMAT_VERSION,
+            "dataset": str(Path(dataset).resolve()), "options": asdict(options), "cases": len(sources),
+        })
 
-    from tqdm import tqdm
+        from tqdm import tqdm
 
-    jobs = [(s, str(cache), options) for s in sources]
-    results: list[CaseResult] = []
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-    try:
-        if workers <= 1:
-            iterator = map(_process_case_args, jobs)
-            for r in iterator:
-                _collect(r, results, bar, on_result)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+        jobs = [(s, str(cache), options) for s in sources]
+        results: list[CaseResult] = []
+        bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+        try:
+            if workers <= 1:
+                iterator = map(_process_case_args, jobs)
+                for r in iterator:
+                    _collect(r, results, bar, on_result)
+            else:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            # spawn: workers start clean (no inherited threads or locks from the parent).
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_process_case_args, job) for job in jobs]
-                try:
-                    for future in as_completed(futures):
-                        _collect(future.result(), results, bar, on_result)
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
-    results.sort(key=lambda r: r.key)
+                # spawn: workers start clean (no inherited threads or locks from the parent).
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                    futures = [pool.submit(_process_case_args, job) for job in jobs]
+                    try:
+                        for future in as_completed(futures):
+                            _collect(future.result(), results, bar, on_result)
+                    except KeyboardInterrupt:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+        finally:
+            bar.close()
+        results.sort(key=lambda r: r.key)
 
-    usable = [{"key": r.key, "category": r.category, "patient": r.patient} for r in results if r.status in ("ok", "cached")]
-    split = cache_format.make_split(usable, fractions, seed)
-    cache_format.write_json(cache / cache_format.SPLITS_FILE, split)
-    cache_format.write_json(cache / cache_format.REPORT_FILE, {"dataset": str(dataset), "cases": [asdict(r) for r in results]})
-    return results
+        usable = [{"key": r.key, "category": r.category, "patient": r.patient} for r in results if r.status in ("ok", "cached")]
+        split = cache_format.make_split(usable, fractions, seed)
+        cache_format.write_json(cache / cache_format.SPLITS_FILE, split)
+        cache_format.write_json(cache / cache_format.REPORT_FILE, {"dataset": str(dataset), "cases": [asdict(r) for r in results]})
+        return results
 
 
 def _collect(result: CaseResult, results: list, bar, on_result) -> None:
