@@ -5,7 +5,9 @@ Python calls ``conftest`` depends on collection order.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +33,19 @@ def oblique_direction(angle_deg: float = 20.0, flip_y: bool = False) -> tuple:
     if flip_y:
         d = d @ np.diag([1, -1, 1])
     return tuple(d.ravel())
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str = "size=12m"):
+    """A small tmpfs at ``folder``: a disk that fills up (or, remounted, turns read-only) for real.
+    Mounting needs root and a system that allows it; the test skips with the reason otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or f'mount exited {done.returncode}'}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

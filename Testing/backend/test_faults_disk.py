@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctsliceinterp.core.errors import OutputError
 from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.io import read_volume, write_volume
+from ctsliceinterp.io.atomic import atomic_directory
+from testsupport import mounted_tmpfs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # 30 thick slices of 224 x 224 -> 146 thin slices at 1 mm: 29 MB as float32, 14.6 MB as a DICOM series,
@@ -38,26 +41,11 @@ def thick_input(tmp_path_factory) -> Path:
     return write_volume(_volume(THICK_SHAPE), tmp_path_factory.mktemp("input") / "thick.nrrd")
 
 
-def _mount(folder: Path, options: str) -> None:
-    folder.mkdir(exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (the file-size-limit tests cover the rest)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); the file-size-limit tests cover the rest")
-
-
-def _unmount(folder: Path) -> None:
-    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 12 MB tmpfs: a full disk once the output is bigger, or a read-only one once remounted."""
-    folder = tmp_path / "tiny"
-    _mount(folder, "size=12m")
-    yield folder
-    _unmount(folder)
+    with mounted_tmpfs(tmp_path / "tiny") as folder:
+        yield folder
 
 
 def _remount_read_only(folder: Path) -> None:
@@ -154,3 +142,14 @@ def test_the_same_write_succeeds_with_room(thick_input, tmp_path):
     done = _interpolate(thick_input, tmp_path / "out.nii")
     assert done.returncode == 0, done.stderr
     assert read_volume(tmp_path / "out.nii").geometry.shape == (146, 224, 224)
+
+
+def test_a_library_error_on_a_full_disk_names_the_disk(small_tmpfs):
+    """safetensors (model checkpoints) raises its own error type, not OSError, on a full disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(OutputError, match=r"^cannot write .*weights: no space left on the device \(ENOSPC\)$"):
+        with atomic_directory(small_tmpfs / "weights") as tmp:
+            save_file({"w": torch.zeros(4 * 1024 * 1024)}, str(tmp / "vae.safetensors"))  # 16 MB
+    assert list(small_tmpfs.iterdir()) == []

@@ -116,6 +116,7 @@ from ctsliceinterp.cli import main as cli_main  # noqa: E402
 from ctsliceinterp.core.volume import Volume  # noqa: E402
 from ctsliceinterp.data import cache as cache_format  # noqa: E402
 from ctsliceinterp.io import write_volume  # noqa: E402
+from testsupport import mounted_tmpfs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,17 @@ def test_a_second_run_on_the_same_cache_is_refused(dataset, tmp_path, capsys):
         first.wait()
     assert code == 2
     assert "another ctsliceinterp preprocess is writing" in capsys.readouterr().err
+
+
+def test_a_disk_that_fills_up_mid_run_fails_the_cases_that_do_not_fit(dataset, tmp_path):
+    """A 40 MB tmpfs holds two cases (14 MB each); the others fail with the reason, nothing half-written stays."""
+    with mounted_tmpfs(tmp_path / "tiny", "size=40m") as cache:
+        code = cli_main(["preprocess", "--dataset", str(dataset), "--out", str(cache), "--workers", "1", "--no-progress"])
+        report = _report(cache)
+        ok = sorted(k for k, c in report.items() if c["status"] == "ok")
+        failed = [c for c in report.values() if c["status"] == "failed"]
+        assert code == 0 and len(ok) == 2 and len(failed) == CASES - 2, report
+        for case in failed:
+            assert case["reason"].startswith("cannot write ") and "no space left on the device (ENOSPC)" in case["reason"], case
+        assert _partials(cache) == []
+        assert [case.key for case in cache_format.iter_cases(cache)] == ok

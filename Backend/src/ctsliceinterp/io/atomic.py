@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..core.errors import OutputError
+from ..core.errors import CTSliceInterpError, OutputError
 
 # What the user is told for the errors a write can meet.
 WRITE_PROBLEMS = {
@@ -38,19 +38,28 @@ class WriteFailed(OutputError):
 
 def write_error(target: str | os.PathLike, exc: OSError | None = None, partial: Path | None = None,
                 detail: str = "") -> OutputError:
-    """One line for a failed write of ``target``: the reason of ``exc``, else the reason a probe write
-    into the ``partial`` output meets now (a full disk, a file-size limit), else ``detail``."""
+    """One line for a failed write of ``target``: the reason of ``exc``; else an operating-system reason
+    quoted in ``detail`` (a library's message), or the one a probe write into the ``partial`` output
+    meets now (a full disk, a file-size limit); else ``detail`` itself."""
     target = Path(target)
-    if exc is None and partial is not None:
-        exc = _probe(partial)
+    if exc is None:
+        exc = _reason_quoted(detail) or (_probe(partial) if partial is not None else None)
     if exc is not None:
         code = errno.errorcode.get(exc.errno or 0)
         problem = WRITE_PROBLEMS.get(exc.errno) or exc.strerror or str(exc)
         problem += f" ({code})" if code else ""
     else:
-        problem = detail or "the write failed"
+        problem = next((line.strip() for line in detail.splitlines() if line.strip()), "the write failed")
     kept = f"; the existing {target.name} is unchanged" if target.exists() else ""
     return OutputError(f"cannot write {target}: {problem}{kept}")
+
+
+def _reason_quoted(text: str) -> OSError | None:
+    """Libraries with their own error types quote the system's message ("No space left on device")."""
+    for code in WRITE_PROBLEMS:
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
 
 
 def _probe(partial: Path) -> OSError | None:
@@ -76,8 +85,15 @@ def _one_line_errors(target: Path, partial: Path | None = None) -> Iterator[None
         raise write_error(target, partial=partial, detail=str(exc)) from None
     except OSError as exc:
         if exc.errno is None:  # re-raised by a library without its errno (pydicom adds a traceback instead)
-            raise write_error(target, partial=partial, detail=str(exc).splitlines()[0]) from None
+            raise write_error(target, partial=partial, detail=str(exc)) from None
         raise write_error(target, exc) from None
+    except CTSliceInterpError:
+        raise  # already says what is wrong
+    except Exception as exc:  # a library's own error type (safetensors' SafetensorError...): was it the disk?
+        reason = _reason_quoted(str(exc)) or (_probe(partial) if partial is not None else None)
+        if reason is None:
+            raise
+        raise write_error(target, reason) from None
 
 
 def _sync(path: Path) -> None:
