@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..core.errors import GeometryError, InputError, OutputError
-from ..core.volume import Geometry, Volume
+from ...core.errors import GeometryError, InputError, OutputError
+from ...core.volume import Geometry, Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CASE_SERIES_FOLDERS = {"thick": "1", "thin": "2"}
@@ -717,7 +717,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike) -> list[Path]:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-    from .. import __version__
+    from ... import __version__
 
     folder = Path(folder)
     g = volume.geometry
