@@ -21,7 +21,7 @@ import pytest
 from ctsliceinterp.core.errors import OutputError
 from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.io import read_volume, write_volume
-from ctsliceinterp.io.atomic import atomic_directory
+from ctsliceinterp.io.atomic import atomic_directory, atomic_file
 from testsupport import mounted_tmpfs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -144,12 +144,19 @@ def test_the_same_write_succeeds_with_room(thick_input, tmp_path):
     assert read_volume(tmp_path / "out.nii").geometry.shape == (146, 224, 224)
 
 
-def test_a_library_error_on_a_full_disk_names_the_disk(small_tmpfs):
-    """safetensors (model checkpoints) raises its own error type, not OSError, on a full disk."""
+@pytest.mark.parametrize("library", ["safetensors", "torch.save"])
+def test_a_library_error_on_a_full_disk_names_the_disk(small_tmpfs, library):
+    """Model checkpoints (safetensors) and training states (torch.save) raise their own error types,
+    not OSError, on a full disk."""
     import torch
     from safetensors.torch import save_file
 
+    weights = {"w": torch.zeros(4 * 1024 * 1024)}  # 16 MB
     with pytest.raises(OutputError, match=r"^cannot write .*weights: no space left on the device \(ENOSPC\)$"):
-        with atomic_directory(small_tmpfs / "weights") as tmp:
-            save_file({"w": torch.zeros(4 * 1024 * 1024)}, str(tmp / "vae.safetensors"))  # 16 MB
+        if library == "safetensors":
+            with atomic_directory(small_tmpfs / "weights") as tmp:
+                save_file(weights, str(tmp / "vae.safetensors"))
+        else:
+            with atomic_file(small_tmpfs / "weights") as tmp:
+                torch.save(weights, tmp)
     assert list(small_tmpfs.iterdir()) == []
