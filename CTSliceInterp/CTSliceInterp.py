@@ -7,7 +7,6 @@ This file is thin on purpose: Qt lives here (the widget), everything else lives 
     thin = CTSliceInterpLogic().process(getNode("CT"), spacing=1.0, method="bspline")
 """
 
-import concurrent.futures
 import json
 import logging
 from typing import Annotated, Optional
@@ -28,7 +27,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode
 
-from CTSliceInterpLib import installer, layout, testing
+from CTSliceInterpLib import installer, layout, nodes, testing
 from CTSliceInterpLib.local_backend import LocalBackend, stop_shared_local_backend
 from CTSliceInterpLib.logic import (
     CLASSICAL_FALLBACK,
@@ -37,7 +36,9 @@ from CTSliceInterpLib.logic import (
     InputError,
     InterpolationLogic,
     ProcessingError,
+    classical_choice,
 )
+from CTSliceInterpLib.session import describe_error
 
 SETTINGS_HISTORY = "CTSliceInterp/ServerHistory"
 SETTINGS_TOKENS = "CTSliceInterp/ServerTokens"  # JSON {url: token}, in Slicer's settings only
@@ -99,9 +100,9 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
-        self._methodsFuture = None
-        self._methodsTarget = None
-        self._executor = None
+        self._methodsQuery = None  # a MethodsQuery (daemon thread) while the model list is asked for
+        self._lastOutput = None  # the last result, for the uncertainty overlay checkbox
+        self._installing = False
         self._lastMessage = None
         self._lastState = None
 
@@ -113,8 +114,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = CTSliceInterpLogic()
-        # Model lists and connection checks are HTTP: one worker thread, polled by the timer.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="CTSliceInterp")
+        # Runs and model lists work on daemon threads in the Lib; this timer polls them.
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onTimer)
@@ -131,22 +131,25 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tokenLineEdit.connect("editingFinished()", self.saveToken)
         # Emitted for acceptable paths only (its name filters); clearing is saved on the next use.
         self.ui.caFilePathLineEdit.connect("currentPathChanged(QString)", self.saveCaFile)
-        slicer.app.connect("aboutToQuit()", self.cleanup)
+        self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onShowUncertaintyToggled)
+        # Nothing is connected to the application's quit signal: Slicer unloads modules when it
+        # quits (qSlicerCoreApplication's quit handler), and that calls cleanup().
 
-        self._setMethods([(_("B-spline (classical)"), CLASSICAL_FALLBACK)])
+        self._setMethods([classical_choice()])
         self.ui.serverComboBox.addItems(self._serverHistory())
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Application exit or module reload: cancel, stop the local backend, stop polling."""
+        """Module unload (application exit or reload): stop polling, cancel what runs (so no
+        worker starts a backend again), then stop the local backend and all its processes."""
         self.removeObservers()
         if getattr(self, "_timer", None) is not None:
             self._timer.stop()
+        if self._methodsQuery is not None:
+            self._methodsQuery.cancel()
         if self._run is not None:
             self._run.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
         stop_shared_local_backend()
 
     def enter(self) -> None:
@@ -159,6 +162,10 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The run's nodes go with the scene: the Lib cancels the run (it watches the scene too).
+        if self._run is not None:
+            self._run.cancel()
+        self._lastOutput = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -168,8 +175,8 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+            firstVolume = nodes.first_ct_volume(slicer.mrmlScene)  # label maps skipped
+            if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 
     def setParameterNode(self, inputParameterNode: Optional[CTSliceInterpParameterNode]) -> None:
@@ -195,9 +202,15 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         remote = self.ui.remoteRadioButton.checked
         self.ui.remoteSettingsWidget.setVisible(remote)
         diffusion = self._currentMethod() not in CLASSICAL_METHODS
-        for widget in (self.ui.stepsSpinBox, self.ui.samplesSpinBox, self.ui.consistencyCheckBox,
-                       self.ui.showUncertaintyCheckBox):
+        for widget in (self.ui.stepsSpinBox, self.ui.samplesSpinBox, self.ui.consistencyCheckBox):
             widget.enabled = diffusion and self._run is None
+        # Also after a run, for the result on screen.
+        self.ui.showUncertaintyCheckBox.enabled = diffusion or self._lastOutputHasUncertainty()
+        if self._installing:
+            self.ui.applyButton.text = _("Installing...")
+            self.ui.applyButton.toolTip = _("The local backend is being installed.")
+            self.ui.applyButton.enabled = False
+            return
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the interpolation; nothing is created and the input is kept.")
@@ -231,10 +244,19 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.method = self._currentMethod()
         self._updateButtons()
 
+    def _lastOutputHasUncertainty(self) -> bool:
+        output = self._lastOutput
+        return bool(output is not None and output.GetScene() is not None
+                    and output.GetNodeReference("CTSliceInterpUncertainty") is not None)
+
+    def onShowUncertaintyToggled(self, checked) -> None:
+        if self._lastOutput is not None and self._lastOutput.GetScene() is not None:
+            self.logic.showUncertainty(self._lastOutput, checked)
+
     def onProcessingPlaceChanged(self, local) -> None:
         if self._parameterNode:
             self._parameterNode.remote = not local
-        self._setMethods([(_("B-spline (classical)"), CLASSICAL_FALLBACK)])
+        self._setMethods([classical_choice()])
         self._updateButtons()
         if not local and self.ui.serverComboBox.currentText.strip():
             self.refreshMethods()
@@ -305,7 +327,14 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- local backend installation --------------------------------------------------------------
     def _ensureLocalBackendInstalled(self) -> bool:
-        plan = installer.plan_install()
+        """True when the local backend can run now. Installing (after one confirmation) returns
+        False: the method list is refreshed first, so the next click runs the chosen model, not
+        the B-spline that was the only choice before the install."""
+        try:
+            plan = installer.plan_install()
+        except (installer.LocalProcessingUnavailable, OSError) as exc:  # Slicer 5.8, or no bundled backend
+            self._log(str(exc), error=True)
+            return False
         if plan.empty:
             return True
         if not slicer.util.confirmOkCancelDisplay(plan.describe(), windowTitle=_("Install the local backend")):
@@ -313,28 +342,50 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         "Use Remote processing, or click Interpolate again to install."), error=True)
             return False
         self._log(_("Installing the local backend packages (this can take several minutes)..."))
+        # The install keeps the GUI painting (pip's output is read with processEvents): nothing in
+        # the module may start meanwhile.
+        self._installing = True
+        self.ui.inputsCollapsibleButton.enabled = False
+        self.ui.methodCollapsibleButton.enabled = False
+        self.ui.processingCollapsibleButton.enabled = False
+        self._updateButtons()
         try:
             with slicer.util.WaitCursor():
                 installer.install(plan)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._log(_("Installing the local backend failed: {error}").format(error=exc), error=True)
             return False
-        self._log(_("Local backend installed."))
-        return True
+        finally:
+            self._installing = False
+            self.ui.inputsCollapsibleButton.enabled = True
+            self.ui.methodCollapsibleButton.enabled = True
+            self.ui.processingCollapsibleButton.enabled = True
+            self._updateButtons()
+        self._log(_("Local backend installed. Its models are being listed: choose the method, then click "
+                    "Interpolate."))
+        self.refreshMethods()
+        return False
 
     # --- methods menu (server's models) ----------------------------------------------------------
     def refreshMethods(self) -> None:
-        if self._methodsFuture is not None:
+        if self._methodsQuery is not None or self._installing:
             return
         server, token, caFile = self._server()
-        if server is None and not installer.plan_install().empty:
-            self._log(_("Diffusion models appear here once the local backend is installed (on first Interpolate)."))
-            return
+        if server is None:
+            try:
+                installed = installer.plan_install().empty
+            except (installer.LocalProcessingUnavailable, OSError) as exc:
+                self._log(str(exc), error=True)
+                return
+            if not installed:
+                self._log(_("Diffusion models appear here once the local backend is installed (on first "
+                            "Interpolate)."))
+                return
         if server:
             self.saveToken()
             self.saveCaFile()
         try:
-            self._methodsTarget = self.logic.serverTarget(server, token, caFile)  # a bad CA file is told now
+            self._methodsQuery = self.logic.startAvailableMethods(server, token, caFile)  # a bad CA file is told now
         except InputError as exc:
             self._log(_("Could not list the models: {error}").format(error=exc), error=True)
             return
@@ -342,17 +393,14 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(_("Contacting {server}...").format(server=server))
         else:
             self._log(_("Starting the local backend and listing its models..."))
-        self._methodsFuture = self._executor.submit(self.logic.availableMethods, server, token, caFile=caFile)
         self._timer.start()
 
-    def _checkMethodsFuture(self) -> None:
-        future, self._methodsFuture = self._methodsFuture, None
+    def _checkMethodsQuery(self) -> None:
+        query, self._methodsQuery = self._methodsQuery, None
         try:
-            methods = future.result()
+            methods = query.result()
         except Exception as exc:  # noqa: BLE001 - shown to the user
-            from CTSliceInterpLib.session import describe_error
-
-            message = describe_error(exc, self._methodsTarget)
+            message = describe_error(exc, query.target)
             self._log(_("Could not list the models: {error}").format(error=message), error=True)
             return
         self._setMethods(methods)
@@ -364,6 +412,8 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- run -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
+        if self._installing or installer.installing():
+            return
         if self._run is not None:
             self._run.cancel()
             self.ui.applyButton.enabled = False
@@ -393,8 +443,8 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _onTimer(self) -> None:
-        if self._methodsFuture is not None and self._methodsFuture.done():
-            self._checkMethodsFuture()
+        if self._methodsQuery is not None and self._methodsQuery.done():
+            self._checkMethodsQuery()
         if self._run is not None:
             status = self._run.poll()
             self.ui.progressBar.value = int(100 * status.progress)
@@ -406,7 +456,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._log(status.message)
             else:
                 self.ui.statusLabel.text = status.message
-        if self._run is None and self._methodsFuture is None:
+        if self._run is None and self._methodsQuery is None:
             self._timer.stop()
 
     def _finishRun(self) -> None:
@@ -419,6 +469,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # noqa: BLE001 - e.g. a result on the wrong grid
             self._log(_("The result could not be used: {error}").format(error=exc), error=True)
         else:
+            self._lastOutput = output
             slicer.util.resetSliceViews()
             self._log(_("Done: {output} ({seconds:.1f} s)").format(output=output.GetName(),
                                                                   seconds=run.poll().elapsed))
@@ -460,29 +511,40 @@ class CTSliceInterpLogic(ScriptedLoadableModuleLogic, InterpolationLogic):
 # CTSliceInterpTest
 #
 class CTSliceInterpTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (``slicer_add_python_unittest``). The checks are the Lib's
-    ``CTSliceInterpLib.testing`` functions, the same ones pytest runs on slicer-core."""
+    """Runs in Slicer (``slicer_add_python_unittest``, Reload and Test). The checks are the Lib's
+    ``CTSliceInterpLib.testing`` functions, the same ones pytest runs on slicer-core.
+
+    Offline on a stock Slicer, and it changes nothing in Slicer's Python: the classical path runs
+    in this process (numpy and scipy ship with Slicer), and the local backend is tested only where
+    its packages are installed already (otherwise the test says so and passes those parts; it
+    never installs, and Slicer's testing mode would skip an install anyway)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_BadInputsLeaveSceneUnchanged()
-        self.setUp()
-        self.test_BSplineObliqueLocal()
-        self.setUp()
-        self.test_TinyModelLocal()
+        for test in (self.test_BadInputsLeaveSceneUnchanged, self.test_ClassicalInProcess,
+                     self.test_BSplineObliqueLocal, self.test_TinyModelLocal):
+            self.setUp()
+            test()
 
-    def _ensureBackend(self):
-        plan = installer.plan_install()
+    def _localProcessingProblem(self):
+        """Why the local backend cannot be tested in this Slicer, or None."""
+        try:
+            plan = installer.plan_install()
+        except (installer.LocalProcessingUnavailable, OSError) as exc:
+            return str(exc)
         if not plan.empty:
-            self.delayDisplay("Installing the local backend packages for the test")
-            installer.install(plan)
+            return "its packages are not installed in this Slicer (the self-test installs nothing)"
+        return None
+
+    def _notTested(self, what, reason):
+        # Not self.skipTest: runTest() is called directly (Reload and Test), where a SkipTest
+        # exception is an error.
+        logging.warning("CTSliceInterpTest: %s not tested: %s", what, reason)
+        self.delayDisplay(f"{what}: not tested here ({reason})")
 
     def test_BadInputsLeaveSceneUnchanged(self):
-        from ctsliceinterp.core.errors import InputError
-
         self.delayDisplay("Bad inputs")
         logic = CTSliceInterpLogic()
         source = testing.add_synthetic_thick_node(slicer.mrmlScene)
@@ -494,13 +556,17 @@ class CTSliceInterpTest(ScriptedLoadableModuleTest):
             with self.assertRaises(InputError):
                 logic.process(inputNode, outputNode, spacing=spacing)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.assertIs(nodes.first_ct_volume(slicer.mrmlScene), source)
 
-    def test_BSplineObliqueLocal(self):
-        self.delayDisplay("B-spline on an oblique thick volume, local backend")
-        self._ensureBackend()
-        logic = CTSliceInterpLogic()
+    def test_ClassicalInProcess(self):
+        self.delayDisplay("B-spline on an oblique thick volume, in this process (nothing installed)")
+        try:
+            installer.check_local_python()
+        except installer.LocalProcessingUnavailable as exc:
+            self._notTested("B-spline in this process", str(exc))
+            return
         source = testing.add_synthetic_thick_node(slicer.mrmlScene)
-        output = logic.process(source, spacing=1.0, method="bspline", timeout=600)
+        output = testing.interpolate_in_process(slicer.mrmlScene, source, spacing=1.0, method="bspline")
         self.assertEqual(output.GetName(), "SyntheticThickCT_1mm")
         testing.check_output_geometry(source, output, 1.0)
         testing.check_output_values_bspline(source, output)
@@ -509,11 +575,29 @@ class CTSliceInterpTest(ScriptedLoadableModuleTest):
         self.assertEqual(layoutManager.layout, layout.SIDE_BY_SIDE)
         rightView = layoutManager.sliceWidget(layout.RIGHT_VIEW).mrmlSliceCompositeNode()
         self.assertEqual(rightView.GetBackgroundVolumeID(), output.GetID())
-        self.delayDisplay("B-spline passed")
+        self.delayDisplay("B-spline in this process passed")
+
+    def test_BSplineObliqueLocal(self):
+        self.delayDisplay("B-spline on an oblique thick volume, local backend")
+        problem = self._localProcessingProblem()
+        if problem:
+            self._notTested("The local backend", problem)
+            return
+        logic = CTSliceInterpLogic()
+        source = testing.add_synthetic_thick_node(slicer.mrmlScene)
+        output = logic.process(source, spacing=1.0, method="bspline", timeout=600)
+        self.assertEqual(output.GetName(), "SyntheticThickCT_1mm")
+        testing.check_output_geometry(source, output, 1.0)
+        testing.check_output_values_bspline(source, output)
+        testing.check_layout(slicer.mrmlScene, source, output)
+        self.delayDisplay("B-spline through the local backend passed")
 
     def test_TinyModelLocal(self):
         self.delayDisplay("Untrained tiny diffusion model, local backend")
-        self._ensureBackend()
+        problem = self._localProcessingProblem()
+        if problem:
+            self._notTested("The tiny diffusion model", problem)
+            return
         import os
 
         folder = os.path.join(slicer.app.temporaryPath, "CTSliceInterpTest", "tiny")
@@ -521,7 +605,8 @@ class CTSliceInterpTest(ScriptedLoadableModuleTest):
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             path, reason = testing.make_untrained_tiny_model(folder)
             if path is None:
-                self.skipTest(reason)
+                self._notTested("The tiny diffusion model", reason)
+                return
         backend = LocalBackend(models=[folder])
         logic = CTSliceInterpLogic()
         logic.localBackend = backend

@@ -14,7 +14,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import logging
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,8 +31,9 @@ from .backend_path import backend_source_dir, ensure_backend_importable
 ensure_backend_importable()
 
 from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
+from ctsliceinterp.serving.client import TOKEN_ENV  # noqa: E402 - the variable the server reads
 
-TOKEN_ENVIRONMENT_VARIABLE = "CTSLICEINTERP_TOKEN"
+from .i18n import tr as _  # noqa: E402
 
 
 class BackendError(CTSliceInterpError):
@@ -39,8 +43,6 @@ class BackendError(CTSliceInterpError):
 def default_python_executable() -> str:
     """Slicer's ``PythonSlicer`` launcher inside Slicer (it sets up library paths), else this
     interpreter."""
-    import shutil
-
     if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
         launcher = shutil.which("PythonSlicer")
         if launcher:
@@ -49,7 +51,13 @@ def default_python_executable() -> str:
 
 
 class LocalBackend:
-    """One ``ctsliceinterp serve`` child process. Thread-safe ``ensure_started``."""
+    """One ``ctsliceinterp serve`` child process (with its own children). Thread-safe.
+
+    Inside Slicer the child is the ``PythonSlicer`` launcher (CTKAppLauncher), which runs the
+    real interpreter as *its* child; stopping only the launcher would leave the server running
+    with its model in memory. So the child starts as the leader of a new process group (POSIX:
+    a new session; Windows: a new process group), and ``stop`` stops the whole group (POSIX:
+    ``killpg``; Windows: ``taskkill /T``)."""
 
     def __init__(self, python: str | None = None, models=(), device: str = "auto",
                  extra_args=(), startup_timeout: float = 180.0, environment: dict | None = None):
@@ -62,19 +70,20 @@ class LocalBackend:
         self.token = secrets.token_urlsafe(32)
         self.url: str | None = None
         self.process: subprocess.Popen | None = None
-        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._workdir: Path | None = None
         self._log_file = None
+        self._started_at = 0.0
         self._lock = threading.Lock()
         _LIVE_BACKENDS.add(self)
 
     # --- state -----------------------------------------------------------------------------
     @property
     def log_path(self) -> Path | None:
-        return None if self._workdir is None else Path(self._workdir.name) / "server.log"
+        return None if self._workdir is None else self._workdir / "server.log"
 
     @property
     def ready_file(self) -> Path | None:
-        return None if self._workdir is None else Path(self._workdir.name) / "ready.json"
+        return None if self._workdir is None else self._workdir / "ready.json"
 
     @property
     def pid(self) -> int | None:
@@ -82,9 +91,6 @@ class LocalBackend:
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
-
-    def is_ready(self) -> bool:
-        return self.is_running() and self.url is not None
 
     def command(self) -> list[str]:
         command = [self.python, "-m", "ctsliceinterp.cli", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -107,39 +113,47 @@ class LocalBackend:
         with self._lock:
             if self.is_running():
                 return
-            self.process = None  # a crashed child: its log goes with its folder now
+            if self.process is not None:  # a crashed child: stop what is left of its group, drop its log
+                _stop_process_tree(self.process, timeout=2.0)
+                self.process = None
             self._cleanup_files()
             self.url = None
-            self._workdir = tempfile.TemporaryDirectory(prefix="ctsliceinterp-backend-")
+            self._workdir = Path(tempfile.mkdtemp(prefix="ctsliceinterp-backend-"))
             env = dict(os.environ)
             env.update(self.environment)
-            env[TOKEN_ENVIRONMENT_VARIABLE] = self.token
+            env[TOKEN_ENV] = self.token
             env.setdefault("PYTHONUNBUFFERED", "1")
             source = backend_source_dir()
             if source is not None:
                 env["PYTHONPATH"] = os.pathsep.join([str(source)] + [p for p in [env.get("PYTHONPATH")] if p])
             self._log_file = open(self.log_path, "wb")
-            kwargs = {}
             if sys.platform.startswith("win"):
-                kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+                kwargs = {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)
+                          | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+            else:
+                kwargs = {"start_new_session": True}  # its own process group: stopped as a whole
             try:
                 self.process = subprocess.Popen(
                     self.command(), env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                    stderr=subprocess.STDOUT, cwd=self._workdir.name, **kwargs,
+                    stderr=subprocess.STDOUT, cwd=str(self._workdir), **kwargs,
                 )
             except OSError as exc:
-                raise BackendError(f"could not start the local backend ({self.python}): {exc}") from exc
+                raise BackendError(_("could not start the local backend ({python}): {error}").format(
+                    python=self.python, error=exc)) from exc
             self._started_at = time.monotonic()
 
     def poll_ready(self) -> bool:
-        """True once the server listens. Raises ``BackendError`` if it exited or timed out."""
-        if self.url is not None and self.is_running():
+        """True once the server listens, False while it starts. Raises ``BackendError`` if it
+        exited, was stopped, or did not listen within ``startup_timeout``."""
+        process = self.process
+        if process is None:
+            raise BackendError(_("the local backend was stopped before it was ready"))
+        if self.url is not None and process.poll() is None:
             return True
-        if self.process is None:
-            return False
-        code = self.process.poll()
+        code = process.poll()
         if code is not None:
-            raise BackendError(f"the local backend exited during start-up (exit code {code}).\n{self.log_tail()}")
+            raise BackendError(_("the local backend exited during start-up (exit code {code}).").format(code=code)
+                               + "\n" + self.log_tail())
         ready = self.ready_file
         if ready is not None and ready.exists():
             try:
@@ -149,21 +163,24 @@ class LocalBackend:
             self.url = str(info["url"]).rstrip("/")
             return True
         if time.monotonic() - self._started_at > self.startup_timeout:
+            log = self.log_tail()
             self.stop()
-            raise BackendError(
-                f"the local backend did not start within {self.startup_timeout:.0f} s.\n{self.log_tail()}"
-            )
+            raise BackendError(_("the local backend did not start within {seconds:.0f} s.").format(
+                seconds=self.startup_timeout) + "\n" + log)
         return False
 
     def wait_ready(self, cancel: threading.Event | None = None, interval: float = 0.1) -> str:
+        """Block until the server listens (at most ``startup_timeout``; ``cancel`` stops waiting)."""
+        cancel = cancel or threading.Event()
         while not self.poll_ready():
-            if cancel is not None and cancel.is_set():
-                raise BackendError("cancelled while the local backend was starting")
-            time.sleep(interval)
+            if cancel.wait(interval):
+                raise BackendError(_("cancelled while the local backend was starting"))
         return self.url
 
     def ensure_started(self, cancel: threading.Event | None = None) -> str:
         """Start if needed and wait until it listens; return its URL (blocking: worker threads)."""
+        if cancel is not None and cancel.is_set():
+            raise BackendError(_("cancelled while the local backend was starting"))
         if not self.is_running():
             self.start()
         return self.wait_ready(cancel)
@@ -172,21 +189,17 @@ class LocalBackend:
         """A message if the child has died (None while it runs or before it was started)."""
         if self.process is None or self.process.poll() is None:
             return None
-        return (f"the local backend stopped unexpectedly (exit code {self.process.returncode}); "
-                f"it will be restarted on the next run.\n{self.log_tail()}")
+        return (_("the local backend stopped unexpectedly (exit code {code}); it will be restarted on the next "
+                  "run.").format(code=self.process.returncode) + "\n" + self.log_tail())
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the child (then kill it if it does not exit) and remove its files."""
+        """Stop the child and everything it started (terminate, then kill after ``timeout`` s),
+        and remove its files."""
         with self._lock:
             process, self.process = self.process, None
             self.url = None
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout)
+            if process is not None:
+                _stop_process_tree(process, timeout)
             self._cleanup_files()
 
     def _cleanup_files(self) -> None:
@@ -195,8 +208,59 @@ class LocalBackend:
             self._log_file = None
         # Keep the work folder of a crashed child until the next start, for its log.
         if self._workdir is not None and self.process is None:
-            self._workdir.cleanup()
+            shutil.rmtree(self._workdir, ignore_errors=True)  # never abort a reload over a leftover file
+            if self._workdir.exists():
+                logging.warning("CTSliceInterp: could not remove %s", self._workdir)
             self._workdir = None
+
+
+def _stop_process_tree(process: subprocess.Popen, timeout: float) -> None:
+    """Terminate ``process`` and its descendants (its process group), then kill what is left."""
+    if sys.platform.startswith("win"):
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/T", "/PID", str(process.pid)], capture_output=True)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
+                process.wait(timeout)
+        return
+    group = process.pid  # start_new_session: the child leads its own group
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, signal_number)
+        except (ProcessLookupError, PermissionError):
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(group):
+                return
+            time.sleep(0.05)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logging.warning("CTSliceInterp: the local backend (pid %d) did not stop", process.pid)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any live (not zombie) process is left in process group ``group``."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 _LIVE_BACKENDS: "weakref.WeakSet[LocalBackend]" = weakref.WeakSet()

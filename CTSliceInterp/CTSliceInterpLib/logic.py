@@ -8,6 +8,7 @@ the ``slicer-core`` wheel exercises the same code as the GUI and the Slicer self
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -15,23 +16,34 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
+# The request contract and the method registry (numpy only: no torch, no scipy).
+from ctsliceinterp.api import (  # noqa: E402
+    CLASSICAL_FALLBACK,
+    CLASSICAL_METHODS,
+    DEFAULT_MODEL,
+    DIFFUSION_METHOD,
+    InterpolationRequest,
+)
 from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
 
-from . import layout, nodes  # noqa: E402
+from . import installer, layout, nodes  # noqa: E402
+from .i18n import tr as _  # noqa: E402
 from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
 from .session import ProcessingSession, ServerTarget, SessionStatus, check_ca_file  # noqa: E402
 
-# The shipped diffusion model: the local backend and `ctsliceinterp serve` serve it as "default".
-DEFAULT_METHOD = "default"
-CLASSICAL_FALLBACK = "bspline"
-# Same as ctsliceinterp.core.classical.CLASSICAL_METHODS (a test keeps them equal); not imported from
-# there because that module needs scipy, and the Lib must import with numpy only (Remote mode).
-CLASSICAL_METHODS = ("linear", "bspline", "lanczos")
-DIFFUSION_METHOD = "diffusion"
+# The menu's choice for the shipped diffusion model: the local backend and `ctsliceinterp serve`
+# serve it under this name.
+DEFAULT_METHOD = DEFAULT_MODEL
+UNCERTAINTY_REFERENCE = "CTSliceInterpUncertainty"
 
 
 class ProcessingError(CTSliceInterpError):
     """A run failed or was cancelled; the message is meant for the user."""
+
+
+def classical_choice() -> tuple:
+    """The method menu's classical entry: (translated label, method)."""
+    return _("B-spline (classical)"), CLASSICAL_FALLBACK
 
 
 @dataclass
@@ -44,6 +56,9 @@ class Run:
     spacing: float
     show_result: bool = True
     show_uncertainty: bool = True
+    scene: object = None
+    scene_closed: bool = False
+    _close_observer: Optional[int] = None
 
     def poll(self) -> SessionStatus:
         return self.session.poll()
@@ -51,29 +66,84 @@ class Run:
     def cancel(self) -> None:
         self.session.cancel()
 
+    def watch_scene(self) -> None:
+        """Cancel the run when its scene is closed (its nodes go with it)."""
+        if self.scene is None:
+            return
+
+        def closing(caller, event):
+            self.scene_closed = True
+            self.cancel()
+
+        self._close_observer = self.scene.AddObserver(self.scene.StartCloseEvent, closing)
+
+    def unwatch_scene(self) -> None:
+        if self._close_observer is not None:
+            self.scene.RemoveObserver(self._close_observer)
+            self._close_observer = None
+
+
+def job_request(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
+                seed=None) -> InterpolationRequest:
+    """The request for a menu choice: ``method`` is a classical method name, ``"diffusion"``
+    (the server's default model) or the name of one of the server's diffusion models."""
+    choice = (method or DEFAULT_METHOD).strip()
+    if choice.lower() in CLASSICAL_METHODS:
+        return InterpolationRequest(method=choice.lower(), spacing=float(spacing))
+    samples = 1 if samples is None else int(samples)
+    if samples < 1:
+        raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
+    return InterpolationRequest(
+        method=DIFFUSION_METHOD, spacing=float(spacing),
+        model=None if choice.lower() == DIFFUSION_METHOD else choice,
+        steps=int(steps) if steps else None, samples=samples, consistency=bool(consistency),
+        seed=None if seed is None else int(seed))
+
 
 def job_parameters(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
                    seed=None) -> dict:
-    """Server job parameters. ``method`` is a classical method name, ``"diffusion"`` (the
-    server's default model) or the name of one of the server's diffusion models."""
-    method = (method or DEFAULT_METHOD).strip()
-    params = {"spacing": float(spacing)}
-    if method.lower() in CLASSICAL_METHODS:
-        params["method"] = method.lower()
-        return params
-    params["method"] = DIFFUSION_METHOD
-    if method.lower() != DIFFUSION_METHOD:
-        params["model"] = method
-    if steps:
-        params["steps"] = int(steps)
-    samples = 1 if samples is None else int(samples)
-    if samples < 1:
-        raise InputError(f"the number of samples must be at least 1, got {samples}")
-    params["samples"] = samples
-    params["consistency"] = bool(consistency)
-    if seed is not None:
-        params["seed"] = int(seed)
-    return params
+    """Server job parameters for a menu choice (``job_request(...).to_params()``)."""
+    return job_request(method, spacing, steps, samples, consistency, seed).to_params()
+
+
+class MethodsQuery:
+    """``availableMethods`` on a daemon thread (it may start the local backend): the GUI polls
+    ``done()``; ``cancel()`` stops its waits; it never holds up Slicer's exit."""
+
+    def __init__(self, logic: "InterpolationLogic", server=None, token=None, caFile=None, timeout: float = 10.0):
+        self._cancel = threading.Event()
+        self._result = None
+        self._error: Optional[BaseException] = None
+        self._done = threading.Event()
+        self.target = logic.serverTarget(server, token, caFile)  # a bad CA file raises here, at once
+        self._thread = threading.Thread(target=self._work, args=(logic, timeout), name="CTSliceInterpMethods",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self, logic, timeout) -> None:
+        try:
+            self._result = logic._methods_of(self.target, timeout, self._cancel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._done.wait(timeout)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def result(self):
+        """[(label, method)] once done; raises what the query raised."""
+        if not self._done.is_set():
+            raise RuntimeError("the model list has not arrived yet")
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 class InterpolationLogic:
@@ -98,10 +168,6 @@ class InterpolationLogic:
             self.localBackend = self._local_backend_factory()
         return self.localBackend
 
-    def stopLocalBackend(self) -> None:
-        if self.localBackend is not None:
-            self.localBackend.stop()
-
     def serverTarget(self, server: Optional[str] = None, token: Optional[str] = None,
                      caFile: Optional[str] = None) -> ServerTarget:
         """The local backend (``server`` empty) or the server at ``server``. ``caFile``: a PEM file
@@ -121,16 +187,31 @@ class InterpolationLogic:
 
         Bad input raises ``InputError`` here, before anything is sent or created."""
         if outputVolume is not None and inputVolume is not None and outputVolume.GetID() == inputVolume.GetID():
-            raise InputError("the output volume is the input volume: choose a new output so the input is kept")
+            raise InputError(_("the output volume is the input volume: choose a new output so the input is kept"))
         if outputVolume is not None and (
             not outputVolume.IsA("vtkMRMLScalarVolumeNode") or outputVolume.IsA("vtkMRMLLabelMapVolumeNode")
         ):
-            raise InputError(f"the output '{outputVolume.GetName()}' must be a scalar volume")
+            raise InputError(_("the output '{name}' must be a scalar volume").format(name=outputVolume.GetName()))
         volume, target = nodes.prepare_input(inputVolume, spacing)
         params = job_parameters(method, spacing, steps, samples, consistency, seed)
+        if not server:
+            self._check_local_processing()
         where = self.serverTarget(server, token, caFile)
-        session = ProcessingSession(volume, params, where, expected=target).start()
-        return Run(session, inputVolume, outputVolume, float(spacing), showResult, showUncertainty)
+        session = ProcessingSession(volume, params, where, expected=target)
+        run = Run(session, inputVolume, outputVolume, float(spacing), showResult, showUncertainty,
+                  scene=inputVolume.GetScene())
+        run.watch_scene()
+        session.start()
+        return run
+
+    @staticmethod
+    def _check_local_processing() -> None:
+        if installer.installing():
+            raise InputError(_("the local backend is being installed: wait until that finishes"))
+        try:
+            installer.check_local_python()
+        except installer.LocalProcessingUnavailable as exc:
+            raise InputError(str(exc)) from None
 
     def finish(self, run: Run):
         """On the GUI thread, once the run has finished: make the output node(s); return the output.
@@ -139,12 +220,19 @@ class InterpolationLogic:
         status = run.poll()
         if not status.finished:
             raise RuntimeError("the run has not finished yet")
+        run.unwatch_scene()
+        if run.scene_closed:
+            raise ProcessingError(_("the scene was closed during the run: nothing was created"))
         if status.state == "cancelled":
-            raise ProcessingError("cancelled: nothing was created and the input is unchanged")
+            raise ProcessingError(_("cancelled: nothing was created and the input is unchanged"))
         if status.state == "failed":
             raise ProcessingError(status.error or status.message)
+        if run.input_node.GetScene() is None:
+            raise ProcessingError(_("the input volume was removed during the run: nothing was created"))
+        if run.output_node is not None and run.output_node.GetScene() is None:
+            raise ProcessingError(_("the output volume was removed during the run: nothing was created"))
         thin, uncertainty = run.session.result
-        scene = run.input_node.GetScene() or self.scene
+        scene = run.input_node.GetScene()
         name = nodes.output_name(run.input_node.GetName(), run.spacing)
         output = nodes.write_output(scene, run.input_node, thin, run.output_node, name=name,
                                     expected=run.session.expected)
@@ -158,7 +246,7 @@ class InterpolationLogic:
                 if run.output_node is None:
                     nodes.remove_node(scene, output)
                 raise
-            output.SetNodeReferenceID("CTSliceInterpUncertainty", uncertainty_node.GetID())
+            output.SetNodeReferenceID(UNCERTAINTY_REFERENCE, uncertainty_node.GetID())
         if run.show_result:
             layout.show_side_by_side(scene, run.input_node, output, uncertainty_node, run.show_uncertainty)
         logging.info("CTSliceInterp: %s -> %s in %.1f s", run.input_node.GetName(), output.GetName(), status.elapsed)
@@ -188,14 +276,36 @@ class InterpolationLogic:
         return self.finish(run)
 
     def availableMethods(self, server: Optional[str] = None, token: Optional[str] = None, timeout: float = 10.0,
-                         caFile: Optional[str] = None):
+                         caFile: Optional[str] = None, cancel: Optional[threading.Event] = None):
         """[(label, method)] for the method menu: B-spline plus the server's diffusion models
-        (blocking: call it from a worker thread in the GUI)."""
-        methods = [("B-spline (classical)", CLASSICAL_FALLBACK)]
-        target = self.serverTarget(server, token, caFile)
+        (blocking: the GUI uses ``startAvailableMethods``). ``cancel`` stops a local backend's
+        start-up wait."""
+        return self._methods_of(self.serverTarget(server, token, caFile), timeout, cancel)
+
+    def startAvailableMethods(self, server: Optional[str] = None, token: Optional[str] = None,
+                              caFile: Optional[str] = None, timeout: float = 10.0) -> MethodsQuery:
+        """``availableMethods`` in the background; poll ``done()``, then ``result()``."""
+        if not server:
+            self._check_local_processing()
+        return MethodsQuery(self, server, token, caFile, timeout)
+
+    @staticmethod
+    def _methods_of(target: ServerTarget, timeout: float, cancel: Optional[threading.Event]):
+        methods = [classical_choice()]
         target.timeout = timeout  # per request; a local backend's start-up has its own limit
-        client = target.connect()
+        client = target.connect(cancel)
         for model in client.models():
             if model.get("kind", DIFFUSION_METHOD) == DIFFUSION_METHOD:
-                methods.append((f"{model['name']} (diffusion, {model.get('device', '?')})", model["name"]))
+                methods.append((_("{name} (diffusion, {device})").format(name=model["name"],
+                                                                       device=model.get("device", "?")),
+                                model["name"]))
         return methods
+
+    def showUncertainty(self, outputVolume, visible: bool = True) -> bool:
+        """Show or hide the uncertainty overlay of ``outputVolume`` (a result of ``process``) in
+        the right view; False when it has no uncertainty volume."""
+        uncertainty = outputVolume.GetNodeReference(UNCERTAINTY_REFERENCE) if outputVolume is not None else None
+        if uncertainty is None:
+            return False
+        layout.show_uncertainty(outputVolume.GetScene() or self.scene, uncertainty, visible)
+        return True

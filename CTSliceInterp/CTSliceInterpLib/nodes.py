@@ -19,6 +19,8 @@ from ctsliceinterp.core.errors import InputError, OutputError  # noqa: E402
 from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 
+from .i18n import tr as _  # noqa: E402
+
 # RAS <-> LPS: negate the first two physical axes. The matrix is its own inverse.
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -73,27 +75,35 @@ def check_input_node(node) -> None:
     """Raise ``InputError`` naming why ``node`` cannot be interpolated (kind of node only;
     the slice spacing is checked against the target in ``volume_from_node``)."""
     if node is None:
-        raise InputError("no input volume selected: load a thick-slice CT and select it as the input")
+        raise InputError(_("no input volume selected: load a thick-slice CT and select it as the input"))
     name = node.GetName()
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise InputError(f"'{name}' is a label map (segmentation), not a CT image: select a scalar CT volume")
+        raise InputError(_("'{name}' is a label map (segmentation), not a CT image: select a scalar CT volume").format(
+            name=name))
     if node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
-        raise InputError(f"'{name}' is a vector/colour (RGB) volume, not a CT image: select a scalar CT volume")
+        raise InputError(_("'{name}' is a vector/colour (RGB) volume, not a CT image: select a scalar CT "
+                           "volume").format(name=name))
     if not node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError(f"'{name}' is a {node.GetClassName()}, not a scalar CT volume")
+        raise InputError(_("'{name}' is a {kind}, not a scalar CT volume").format(name=name, kind=node.GetClassName()))
     image = node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
-        raise InputError(f"'{name}' has no image data")
+        raise InputError(_("'{name}' has no image data").format(name=name))
     if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(
-            f"'{name}' has {image.GetNumberOfScalarComponents()} components per voxel (colour/vector image): "
-            "select a scalar CT volume"
-        )
+        raise InputError(_("'{name}' has {count} components per voxel (colour/vector image): select a scalar CT "
+                             "volume").format(name=name, count=image.GetNumberOfScalarComponents()))
     nx, ny, nz = image.GetDimensions()
     if nz < 2 or ny < 2 or nx < 2:
-        raise InputError(
-            f"'{name}' is a 2-D image ({nx} x {ny} x {nz} voxels): a 3-D volume with at least 2 slices is needed"
-        )
+        raise InputError(_("'{name}' is a 2-D image ({nx} x {ny} x {nz} voxels): a 3-D volume with at least 2 slices "
+                             "is needed").format(name=name, nx=nx, ny=ny, nz=nz))
+
+
+def first_ct_volume(scene):
+    """The first scalar volume of ``scene`` that is not a label map (the input to pre-select), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
 
 
 def _dicom_slice_thickness(node):
@@ -187,12 +197,10 @@ def write_output(scene, input_node, volume: Volume, output_node=None, name: str 
     A new node is added to the scene only once the result is complete and valid, and is removed
     again if filling it fails, so an error never leaves a half-made node behind."""
     if expected is not None and not _same_geometry(volume.geometry, expected):
-        raise OutputError(
-            "the server returned a volume on a different grid than requested: "
-            f"got {volume.geometry.describe()}, expected {expected.describe()}"
-        )
+        raise OutputError(_("the server returned a volume on a different grid than requested: got {got}, expected "
+                            "{expected}").format(got=volume.geometry.describe(), expected=expected.describe()))
     if output_node is not None and input_node is not None and output_node.GetID() == input_node.GetID():
-        raise OutputError("the output volume is the input volume: choose a new output so the input is kept")
+        raise OutputError(_("the output volume is the input volume: choose a new output so the input is kept"))
     created = output_node is None
     node = output_node
     try:

@@ -1,10 +1,11 @@
 """One interpolation job, run off the GUI thread and polled from a timer.
 
-A worker thread does everything that may wait: starting the local backend, encoding and
-uploading the volume, polling the job, downloading the result. The GUI thread only calls
-``poll()`` (a snapshot under a lock, never I/O) and, once ``state == "done"``, reads
-``result``; MRML nodes are made by the caller on the GUI thread. ``cancel()`` returns at once;
-the worker cancels the server job and ends in ``"cancelled"``.
+A worker thread does everything that may wait: starting the local backend, then
+``Client.run`` (upload, busy-retry, long-poll, download; the client's one job loop). The GUI
+thread only calls ``poll()`` (a snapshot under a lock, never I/O) and, once
+``state == "done"``, reads ``result``; MRML nodes are made by the caller on the GUI thread.
+``cancel()`` returns at once; the worker cancels the server job and ends in ``"cancelled"``, also
+when the cancel comes while the result downloads (the result is then dropped).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ensure_backend_importable()
 from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
 from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 
+from .i18n import tr as _  # noqa: E402
 from .local_backend import BackendError, LocalBackend  # noqa: E402
 
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -56,19 +58,21 @@ def check_ca_file(path: str) -> str:
     "[X509] PEM lib" without naming the file)."""
     full = os.path.abspath(os.path.expanduser(path.strip()))
     if not os.path.isfile(full):
-        problem = "is a folder, not a file" if os.path.isdir(full) else "does not exist"
-        raise InputError(f"the CA certificate file {path} {problem}")
+        if os.path.isdir(full):
+            raise InputError(_("the CA certificate file {path} is a folder, not a file").format(path=path))
+        raise InputError(_("the CA certificate file {path} does not exist").format(path=path))
     try:
         ssl.create_default_context(cafile=full)
     except ssl.SSLError as exc:
         detail = f" ({exc.reason.replace('_', ' ').lower()})" if exc.reason else ""
-        raise InputError(
-            f"the CA certificate file {path} holds no usable PEM certificate{detail}: choose the server's "
+        raise InputError(_(
+            "the CA certificate file {path} holds no usable PEM certificate{detail}: choose the server's "
             "certificate or its CA in PEM format (text starting with -----BEGIN CERTIFICATE-----; convert a "
-            "DER file with: openssl x509 -inform der -in cert.cer -out cert.pem)"
+            "DER file with: openssl x509 -inform der -in cert.cer -out cert.pem)").format(path=path, detail=detail)
         ) from None
     except OSError as exc:
-        raise InputError(f"the CA certificate file {path} cannot be read: {exc.strerror or exc}") from None
+        raise InputError(_("the CA certificate file {path} cannot be read: {error}").format(
+            path=path, error=exc.strerror or exc)) from None
     return full
 
 
@@ -85,7 +89,7 @@ class ServerTarget:
 
     @property
     def description(self) -> str:
-        return "the local backend" if self.local is not None else f"the server at {self.url}"
+        return _("the local backend") if self.local is not None else _("the server at {url}").format(url=self.url)
 
     def connect(self, cancel: Optional[threading.Event] = None):
         """A ``ctsliceinterp.serving.client.Client`` for this target (blocking: starts the local backend
@@ -95,7 +99,7 @@ class ServerTarget:
             url = self.local.ensure_started(cancel)
             return client_module.Client(url, token=self.local.token, timeout=self.timeout)
         if not self.url:
-            raise client_module.ServerUnreachable("no server URL given for remote processing")
+            raise client_module.ServerUnreachable(_("no server URL given for remote processing"))
         ca_file = check_ca_file(self.ca_file) if self.ca_file else None  # it may have changed since it was chosen
         return client_module.Client(self.url, token=self.token or None, timeout=self.timeout, ca_file=ca_file)
 
@@ -110,28 +114,30 @@ def describe_error(exc: BaseException, target: ServerTarget) -> str:
         if crash is not None:
             return crash
     if isinstance(exc, client_module.AuthenticationFailed):
-        where = "the local backend" if target.local is not None else target.url
-        return (f"{where} rejected the access token: check the token in the module's Remote settings "
-                "(it is the one the server was started with)")
+        return _("{where} rejected the access token: check the token in the module's Remote settings "
+                 "(it is the one the server was started with)").format(
+            where=_("the local backend") if target.local is not None else target.url)
     if isinstance(exc, client_module.ServerUnreachable) and isinstance(exc.__context__, ssl.SSLCertVerificationError):
         # The client raises "from None"; the verification error it replaced is still the context.
-        reason = exc.__context__.verify_message or exc.__context__.reason or "verification failed"
+        reason = exc.__context__.verify_message or exc.__context__.reason or _("verification failed")
         if target.ca_file:
-            return (f"the TLS certificate of {target.url} is not trusted by the CA certificate {target.ca_file} "
-                    f"({reason}): choose the certificate the server was started with (--ssl-certfile) or the CA "
-                    "that signed it")
-        return (f"the TLS certificate of {target.url} is not trusted ({reason}). If the server uses a self-signed "
-                "or private-CA certificate, choose that certificate (or its CA) as 'CA certificate' in the "
-                "module's Remote settings (caFile= in Python)")
+            return _("the TLS certificate of {url} is not trusted by the CA certificate {ca_file} ({reason}): choose "
+                     "the certificate the server was started with (--ssl-certfile) or the CA that signed it").format(
+                url=target.url, ca_file=target.ca_file, reason=reason)
+        return _("the TLS certificate of {url} is not trusted ({reason}). If the server uses a self-signed or "
+                 "private-CA certificate, choose that certificate (or its CA) as 'CA certificate' in the module's "
+                 "Remote settings (caFile= in Python)").format(url=target.url, reason=reason)
     if isinstance(exc, client_module.ServerUnreachable):
-        return f"cannot reach {target.description}: {exc}. Check the URL, the network and that the server runs."
+        return _("cannot reach {where}: {error}. Check the URL, the network and that the server runs.").format(
+            where=target.description, error=exc)
     if isinstance(exc, client_module.InputRejected):
-        return f"the server refused the input: {getattr(exc, 'reason', None) or exc}"
+        return _("the server refused the input: {reason}").format(reason=getattr(exc, "reason", None) or exc)
     if isinstance(exc, client_module.JobFailed):
-        return f"processing failed on {target.description}: {getattr(exc, 'reason', None) or exc}"
+        return _("processing failed on {where}: {reason}").format(
+            where=target.description, reason=getattr(exc, "reason", None) or exc)
     if isinstance(exc, (BackendError, CTSliceInterpError)):
         return str(exc)
-    return f"unexpected error: {type(exc).__name__}: {exc}"
+    return _("unexpected error: {kind}: {error}").format(kind=type(exc).__name__, error=exc)
 
 
 @dataclass
@@ -151,12 +157,11 @@ class ProcessingSession:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _thread: Optional[threading.Thread] = None
-    _listeners: list = field(default_factory=list)
 
     # --- GUI-thread API -------------------------------------------------------------------
     def start(self) -> "ProcessingSession":
         self._started = time.monotonic()
-        self._set("starting", 0.0, f"connecting to {self.target.description}")
+        self._set("starting", 0.0, _("connecting to {where}").format(where=self.target.description))
         self._thread = threading.Thread(target=self._work, name="CTSliceInterpSession", daemon=True)
         self._thread.start()
         return self
@@ -197,74 +202,54 @@ class ProcessingSession:
 
     def _work(self) -> None:
         client_module = _client_module()
-        client = None
         try:
             client = self.target.connect(self._cancel)
-            if self._cancel.is_set():
-                self._set("cancelled", message="cancelled")
+            result = client.run(self.volume, self.params, progress=self._on_progress, cancel=self._cancel,
+                                poll_interval=self.poll_interval)
+            if self._cancel.is_set():  # cancelled while the result came down: drop it
+                self._set("cancelled", message=_("cancelled"))
                 return
-            self.job_id = self._submit(client, client_module)
-            if self.job_id is None:
-                return
-            while True:
-                if self._cancel.is_set():
-                    self._cancel_job(client)
-                    return
-                # The server holds the answer up to poll_interval s until something changes.
-                status = client.status(self.job_id, wait=self.poll_interval)
-                state = status.get("state")
-                if state == "done":
-                    break
-                if state == "failed":
-                    raise client_module.JobFailed(status.get("error") or "the server reported a failure")
-                if state == "cancelled":
-                    self._set("cancelled", message="cancelled on the server")
-                    return
-                self._set(state if state in ("queued", "running") else "running",
-                          status.get("progress") or 0.0, _describe_status(status))
-            self._set("downloading", 1.0, "downloading the result")
-            result = client.result(self.job_id)
             self.result = result
-            self._set("done", 1.0, "done")
+            self._set("done", 1.0, _("done"))
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message for the GUI
             if self._cancel.is_set() and not isinstance(exc, client_module.JobFailed):
-                if client is not None and self.job_id is not None:
-                    self._cancel_job(client)
-                else:
-                    self._set("cancelled", message="cancelled")
+                self._set("cancelled", message=_("cancelled"))
+                return
+            if isinstance(exc, client_module.JobCancelled):
+                self._set("cancelled", message=_("cancelled on the server"))
                 return
             logging.debug("CTSliceInterp session failed", exc_info=True)
             message = describe_error(exc, self.target)
             self._set("failed", message=message, error=message)
 
-    def _submit(self, client, client_module):
-        """Upload and create the job; waits (cancellably) while the server's queue is full."""
-        while True:
-            self._set("uploading", 0.0, f"sending the volume to {self.target.description}")
-            try:
-                return client.submit(self.volume, self.params)
-            except client_module.ServerBusy as busy:
-                self._set("queued", 0.0, f"the server is busy; trying again in {busy.retry_after:.0f} s")
-                if self._cancel.wait(busy.retry_after):
-                    self._set("cancelled", message="cancelled")
-                    return None
-
-    def _cancel_job(self, client) -> None:
-        self._set(message="cancelling")
-        try:
-            client.cancel(self.job_id)
-        except Exception:  # noqa: BLE001 - the job is abandoned either way
-            logging.debug("cancel request failed", exc_info=True)
-        self._set("cancelled", message="cancelled")
+    def _on_progress(self, event) -> None:
+        """A ``JobProgress`` from ``Client.run``: the state, the bar and a translated line."""
+        if event.job_id:
+            self.job_id = event.job_id
+        progress = {"uploading": 0.0, "downloading": 1.0, "done": 1.0}.get(event.state, event.fraction)
+        self._set(event.state if event.state in STATES else "running", progress, describe_progress(event, self.target))
 
 
-def _describe_status(status: dict) -> str:
-    state = status.get("state", "running")
-    if state == "queued":
-        position = status.get("queue_position")
-        return f"waiting in the server queue (position {position})" if position else "waiting in the server queue"
-    text = f"{status.get('stage') or 'processing'} {100 * float(status.get('progress') or 0):.0f}%"
-    eta = status.get("eta_seconds")
-    if eta:
-        text += f", about {float(eta):.0f} s left"
+STATES = ("starting", "uploading", "queued", "running", "downloading", "done", "failed", "cancelled")
+
+
+def describe_progress(event, target: ServerTarget) -> str:
+    """One status line for a ``JobProgress`` (made here, from its fields, so it is translated)."""
+    if event.state == "uploading":
+        return _("sending the volume to {where}").format(where=target.description)
+    if event.state == "queued" and event.stage == "busy":
+        return _("the server is busy; trying again shortly")
+    if event.state == "queued":
+        if event.queue_position:
+            text = _("waiting in the server queue (position {position})").format(position=event.queue_position)
+        else:
+            text = _("waiting in the server queue")
+    elif event.state == "downloading":
+        return _("downloading the result")
+    elif event.state == "done":
+        return _("done")
+    else:
+        text = _("{stage} {percent:.0f}%").format(stage=event.stage or _("processing"), percent=100 * event.fraction)
+    if event.eta_seconds:
+        text += _(", about {seconds:.0f} s left").format(seconds=event.eta_seconds)
     return text

@@ -134,6 +134,22 @@ def check_layout(scene, input_node, output_node) -> None:
     assert left.GetLinkedControl() and right.GetLinkedControl(), "the slice views are not linked"
 
 
+def interpolate_in_process(scene, input_node, spacing: float = 1.0, method: str = "bspline"):
+    """A classical method run in this process (numpy and scipy, both in a stock Slicer), through
+    the module's own node conversion, request, output node and layout: what the self-test checks
+    on a Slicer where nothing is installed and no network is reached. Returns the output node."""
+    from ctsliceinterp.api import interpolate
+
+    from .logic import job_request
+
+    volume, target = nodes.prepare_input(input_node, spacing)
+    result = interpolate(volume, job_request(method, spacing))
+    output = nodes.write_output(scene, input_node, result.volume, name=nodes.output_name(input_node.GetName(), spacing),
+                                expected=target)
+    layout.show_side_by_side(scene, input_node, output)
+    return output
+
+
 def make_untrained_tiny_model(folder):
     """Write an *untrained* model of the ``tiny`` config to ``folder``; return ``(folder, None)``
     or ``(None, reason)`` when this build has no diffusion model code. It exercises the diffusion

@@ -167,3 +167,64 @@ def test_backend_that_cannot_start_gives_its_log(scene, make_volume):
         interp.process(source, timeout=60)
     assert _scene_node_ids(scene) == before
     broken.stop()
+
+
+def test_cancel_while_the_result_downloads_creates_nothing(scene, interp, monkeypatch):
+    """A cancel that arrives while the result comes down wins: no node is made from it."""
+    from ctsliceinterp.serving.client import Client
+
+    source = testing.add_synthetic_thick_node(scene)
+    before = _scene_node_ids(scene)
+    runs = []
+    download = Client.result
+
+    def result_then_cancel(self, *args, **kwargs):
+        volumes = download(self, *args, **kwargs)
+        runs[0].cancel()  # the user clicks Cancel as the download ends
+        return volumes
+
+    monkeypatch.setattr(Client, "result", result_then_cancel)
+    runs.append(interp.start(source, spacing=1.0, method="bspline"))
+    status = runs[0].session.wait(timeout=60)
+    assert status.state == "cancelled", status
+    with pytest.raises(logic.ProcessingError, match="cancelled"):
+        interp.finish(runs[0])
+    assert _scene_node_ids(scene) == before
+
+
+def _slow_run(interp, scene):
+    source = testing.add_synthetic_thick_node(scene, shape=(12, 64, 64), spacing=(0.8, 0.8, 5.0))
+    run = interp.start(source, spacing=0.1, method="lanczos")
+    while run.poll().state in ("created", "starting"):
+        time.sleep(0.02)
+    return source, run
+
+
+def test_closing_the_scene_cancels_the_run(scene, interp):
+    source, run = _slow_run(interp, scene)
+    scene.Clear(False)  # File > Close scene
+    status = run.session.wait(timeout=60)
+    assert status.state == "cancelled", status
+    with pytest.raises(logic.ProcessingError, match="scene was closed"):
+        interp.finish(run)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_a_removed_input_or_output_gets_no_result(scene, interp):
+    source, run = _slow_run(interp, scene)
+    scene.RemoveNode(source)
+    before = _scene_node_ids(scene)
+    run.session.wait(timeout=120)
+    with pytest.raises(logic.ProcessingError, match="input volume was removed"):
+        interp.finish(run)
+    assert _scene_node_ids(scene) == before
+
+    source = testing.add_synthetic_thick_node(scene)
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my result")
+    run = interp.start(source, target, spacing=1.0, method="linear")
+    scene.RemoveNode(target)
+    before = _scene_node_ids(scene)
+    run.session.wait(timeout=60)
+    with pytest.raises(logic.ProcessingError, match="output volume was removed"):
+        interp.finish(run)
+    assert _scene_node_ids(scene) == before

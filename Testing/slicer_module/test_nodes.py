@@ -171,16 +171,67 @@ def test_side_by_side_layout(scene, make_volume):
 
 
 def test_job_parameters():
-    assert logic.job_parameters("bspline", 1.0) == {"spacing": 1.0, "method": "bspline"}
-    assert logic.job_parameters("tiny", 0.5, steps=4, samples=3, consistency=False, seed=2) == {
-        "spacing": 0.5, "method": "diffusion", "model": "tiny", "steps": 4, "samples": 3, "consistency": False,
-        "seed": 2}
-    assert "model" not in logic.job_parameters("diffusion", 1.0)
+    """The menu's choice becomes an InterpolationRequest, sent as its to_params() (the one request
+    contract): the server reads back the same request."""
+    from ctsliceinterp.api import InterpolationRequest
+
+    def sent(*args, **kwargs):
+        params = logic.job_parameters(*args, **kwargs)
+        assert params == logic.job_request(*args, **kwargs).to_params()
+        return InterpolationRequest.from_params(params)
+
+    request = sent("bspline", 1.0)
+    assert (request.method, request.spacing, request.model) == ("bspline", 1.0, None)
+    request = sent("tiny", 0.5, steps=4, samples=3, consistency=False, seed=2)
+    assert (request.method, request.model, request.steps, request.samples, request.consistency, request.seed) == (
+        "diffusion", "tiny", 4, 3, False, 2)
+    assert sent("diffusion", 1.0).model is None
     with pytest.raises(InputError):
         logic.job_parameters("tiny", 1.0, samples=0)
 
 
 def test_classical_method_names_match_the_backend():
-    from ctsliceinterp.core.classical import CLASSICAL_METHODS
+    from ctsliceinterp.api import CLASSICAL_METHODS
 
     assert logic.CLASSICAL_METHODS == CLASSICAL_METHODS
+
+
+def test_uncertainty_overlay_is_transparent_where_the_samples_agree(scene, make_volume):
+    """A spread under UNCERTAINTY_THRESHOLD_HU shows nothing: the display node's threshold makes
+    those voxels transparent, so the output is not blended with the colour table's black."""
+    thick = make_volume()
+    left = add_volume_node(scene, thick, "in")
+    right = add_volume_node(scene, thick, "out", study=False)
+    spread = add_volume_node(scene, thick.replace(array=np.abs(thick.array).astype(np.float32) / 10), "unc",
+                             study=False)
+    layout.show_side_by_side(scene, left, right, spread)
+    display = spread.GetDisplayNode()
+    assert display.GetApplyThreshold()
+    assert display.GetLowerThreshold() == layout.UNCERTAINTY_THRESHOLD_HU > 0
+    assert display.GetUpperThreshold() >= spread.GetImageData().GetScalarRange()[1]
+    assert display.GetWindowLevelMin() == layout.UNCERTAINTY_THRESHOLD_HU
+
+
+def test_uncertainty_checkbox_after_a_run(scene, make_volume):
+    """``showUncertainty`` (the widget's checkbox) hides and shows the overlay of a finished run."""
+    thick = make_volume()
+    source = add_volume_node(scene, thick, "in")
+    output = add_volume_node(scene, thick, "out", study=False)
+    spread = add_volume_node(scene, thick, "out_uncertainty", study=False)
+    output.SetNodeReferenceID(logic.UNCERTAINTY_REFERENCE, spread.GetID())
+    layout.show_side_by_side(scene, source, output, spread)
+    interp = logic.InterpolationLogic(scene=scene)
+    yellow = layout.composite_node(scene, "Yellow")
+    assert interp.showUncertainty(output, False) and yellow.GetForegroundVolumeID() is None
+    assert interp.showUncertainty(output, True) and yellow.GetForegroundVolumeID() == spread.GetID()
+    assert not interp.showUncertainty(source, True)  # no uncertainty volume: nothing to show
+
+
+def test_first_ct_volume_skips_label_maps(scene, make_volume):
+    """The input pre-selected by the widget: a label map loaded first does not hide the CT."""
+    volume = make_volume()
+    assert nodes.first_ct_volume(scene) is None
+    add_volume_node(scene, volume.replace(array=(volume.array > 0).astype(np.uint8)), "labels",
+                    class_name="vtkMRMLLabelMapVolumeNode")
+    ct = add_volume_node(scene, volume, "CT")
+    assert nodes.first_ct_volume(scene) is ct

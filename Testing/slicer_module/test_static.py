@@ -106,3 +106,18 @@ def test_installer_plan_reads_the_bundled_pyproject():
     assert "PyTorch extension" in text and "surely-not-installed-pkg" in text
     with pytest.raises(ValueError):
         installer.requirement_name("   ")
+
+
+def test_screenshot_url_points_at_a_picture_in_the_repository():
+    """EXTENSION_SCREENSHOTURLS names raw.githubusercontent.com/<owner>/<repo>/main/<path>: that
+    path is a PNG here, made by the script next to it and labelled as rendered."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    urls = re.search(r"set\(EXTENSION_SCREENSHOTURLS \"([^\"]+)\"", text).group(1).split()
+    for url in urls:
+        path = REPO / re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/", "", url)
+        assert path.is_file(), url
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(header[16:20], "big") >= 800  # a picture, not an icon
+    script = (REPO / "docs" / "images" / "make_slicer_side_by_side.py").read_text()
+    assert "not a Slicer screenshot" in script

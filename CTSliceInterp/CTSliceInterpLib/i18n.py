@@ -1,0 +1,47 @@
+"""Translation of the Lib's user-visible text, as ``slicer.i18n.tr`` does for the module file.
+
+``from .i18n import tr as _`` then ``_("text")``, the pattern Slicer's translation tools
+extract. Inside Slicer the text goes through ``slicer.app.translate`` with the context Slicer
+derives from the calling file (``CTSliceInterpLib.<file>``); without the application (the
+``slicer-core`` wheel, PythonSlicer) it is returned as is. Worker threads may call it:
+``QCoreApplication::translate`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+_translator: Optional[Callable[[str, str], str]] = None  # (context, text) -> text; None: Slicer's, if any
+
+
+def set_translator(translator: Optional[Callable[[str, str], str]]) -> None:
+    """Use ``translator(context, text)`` instead of Slicer's (tests); None restores Slicer's."""
+    global _translator
+    _translator = translator
+
+
+def tr(text: str) -> str:
+    caller = sys._getframe(1).f_code.co_filename
+    if _translator is not None:
+        return _translator(_context(caller), text)
+    try:
+        import slicer.i18n
+        from slicer import app
+    except ImportError:
+        return text
+    if app is None:
+        return text
+    return slicer.i18n.translate(slicer.i18n.getContext(caller), text)
+
+
+def _context(source_file: str) -> str:
+    try:
+        import slicer.i18n
+
+        return slicer.i18n.getContext(source_file)
+    except ImportError:
+        from pathlib import Path
+
+        path = Path(source_file)
+        return f"{path.parent.name}.{path.stem}"
