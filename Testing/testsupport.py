@@ -49,3 +49,10 @@ def mounted_tmpfs(folder: Path, options: str = "size=12m"):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount_read_only(folder: Path) -> None:
+    """Turn a ``mounted_tmpfs`` read-only (root ignores file permissions, not a read-only mount)."""
+    done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")

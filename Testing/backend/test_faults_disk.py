@@ -22,7 +22,7 @@ from ctsliceinterp.core.errors import OutputError
 from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.io import read_volume, write_volume
 from ctsliceinterp.io.atomic import atomic_directory, atomic_file
-from testsupport import mounted_tmpfs
+from testsupport import mounted_tmpfs, remount_read_only
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # 30 thick slices of 224 x 224 -> 146 thin slices at 1 mm: 29 MB as float32, 14.6 MB as a DICOM series,
@@ -46,12 +46,6 @@ def small_tmpfs(tmp_path):
     """A 12 MB tmpfs: a full disk once the output is bigger, or a read-only one once remounted."""
     with mounted_tmpfs(tmp_path / "tiny") as folder:
         yield folder
-
-
-def _remount_read_only(folder: Path) -> None:
-    done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
 
 
 def _previous_output(folder: Path, name: str) -> dict[str, str]:
@@ -102,7 +96,7 @@ def test_full_disk_refuses_and_keeps_the_previous_output(thick_input, small_tmpf
 @pytest.mark.parametrize("name", ["out.nii", "out.nrrd", "series/"])
 def test_read_only_file_system_refuses_and_keeps_the_previous_output(thick_input, small_tmpfs, name):
     before = _previous_output(small_tmpfs, name)
-    _remount_read_only(small_tmpfs)
+    remount_read_only(small_tmpfs)
     output = small_tmpfs / name.rstrip("/")
     done = _interpolate(thick_input, output)
     _assert_refused(done, output, "read-only file system (EROFS)")

@@ -116,7 +116,7 @@ from ctsliceinterp.cli import main as cli_main  # noqa: E402
 from ctsliceinterp.core.volume import Volume  # noqa: E402
 from ctsliceinterp.data import cache as cache_format  # noqa: E402
 from ctsliceinterp.io import write_volume  # noqa: E402
-from testsupport import mounted_tmpfs  # noqa: E402
+from testsupport import mounted_tmpfs, remount_read_only  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +209,13 @@ def test_a_disk_that_fills_up_mid_run_fails_the_cases_that_do_not_fit(dataset, t
             assert case["reason"].startswith("cannot write ") and "no space left on the device (ENOSPC)" in case["reason"], case
         assert _partials(cache) == []
         assert [case.key for case in cache_format.iter_cases(cache)] == ok
+
+
+def test_a_read_only_cache_is_refused_in_one_line(dataset, tmp_path, capsys):
+    with mounted_tmpfs(tmp_path / "ro", "size=40m") as cache:
+        (cache / "cases").mkdir()  # an earlier cache, now on a read-only mount
+        remount_read_only(cache)
+        code = cli_main(["preprocess", "--dataset", str(dataset), "--out", str(cache), "--workers", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert err == f"ctsliceinterp: error: cannot write {cache}: the folder is on a read-only file system (EROFS)"

@@ -36,6 +36,7 @@ import numpy as np
 from . import cache as cache_format
 from ..core.errors import CTSliceInterpError, GeometryError, InputError
 from ..core.volume import Geometry, Volume
+from ..io.atomic import check_writable_folder, write_error
 
 THICK_FOLDER, THIN_FOLDER = "1", "2"
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -394,7 +395,11 @@ def preprocess_dataset(
     cache = Path(cache).expanduser()
     if Path(dataset).resolve() == cache.resolve() or Path(dataset).resolve() in cache.resolve().parents:
         raise InputError("the cache must not be inside the dataset folder: choose another --out")
-    (cache / cache_format.CASES_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (cache / cache_format.CASES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(cache, exc) from None
+    check_writable_folder(cache)
     with cache_format.cache_lock(cache):
         left = cache_format.remove_leftovers(cache)
         if left:

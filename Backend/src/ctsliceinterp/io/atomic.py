@@ -37,10 +37,11 @@ class WriteFailed(OutputError):
 
 
 def write_error(target: str | os.PathLike, exc: OSError | None = None, partial: Path | None = None,
-                detail: str = "") -> OutputError:
+                detail: str = "", attempted: bool = True) -> OutputError:
     """One line for a failed write of ``target``: the reason of ``exc``; else an operating-system reason
     quoted in ``detail`` (a library's message), or the one a probe write into the ``partial`` output
-    meets now (a full disk, a file-size limit); else ``detail`` itself."""
+    meets now (a full disk, a file-size limit); else ``detail`` itself. After an ``attempted`` write,
+    an existing ``target`` is said to be unchanged."""
     target = Path(target)
     if exc is None:
         exc = _reason_quoted(detail) or (_probe(partial) if partial is not None else None)
@@ -50,7 +51,7 @@ def write_error(target: str | os.PathLike, exc: OSError | None = None, partial: 
         problem += f" ({code})" if code else ""
     else:
         problem = next((line.strip() for line in detail.splitlines() if line.strip()), "the write failed")
-    kept = f"; the existing {target.name} is unchanged" if target.exists() else ""
+    kept = f"; the existing {target.name} is unchanged" if attempted and target.exists() else ""
     return OutputError(f"cannot write {target}: {problem}{kept}")
 
 
@@ -146,9 +147,22 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
         if out.resolve() in src.resolve().parents:
             # Replacing a folder (a DICOM series output) would delete the input inside it.
             raise OutputError(f"the output folder {out} holds the input {src}: choose another output so the input is kept")
+        if src.is_dir() and src.resolve() in out.resolve().parents:
+            # An input folder is read as a whole (recursively): an output inside it becomes part of it.
+            raise OutputError(f"the output {out} is inside the input folder {src}: choose an output outside it")
     if not out.parent.exists():
         raise OutputError(f"the output folder {out.parent} does not exist")
+    check_writable_folder(out.parent, out)
     return out
+
+
+def check_writable_folder(folder: Path, target: Path | None = None) -> None:
+    """Refuse a folder on a read-only file system, or one we may not write to, before the work starts
+    (a diffusion run takes minutes; its write would fail only at the end)."""
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise write_error(target or folder, OSError(errno.EROFS, os.strerror(errno.EROFS)), attempted=False)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise write_error(target or folder, OSError(errno.EACCES, os.strerror(errno.EACCES)), attempted=False)
 
 
 def _umask() -> int:
