@@ -118,19 +118,6 @@ def _sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` (inside an atomic writer's temporary folder), sync it and check its length."""
-    path = Path(path)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        written = os.fstat(f.fileno()).st_size
-    if written != len(data):
-        raise WriteFailed(f"{path.name} holds {written} of {len(data)} bytes")
-    return path
-
-
 def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Refuse an output that is (or would overwrite) one of the inputs, or whose folder is missing."""
     out = Path(output).expanduser()
