@@ -35,6 +35,7 @@ from CTSliceInterpLib.logic import (
     DEFAULT_METHOD,
     InputError,
     InterpolationLogic,
+    UNCERTAINTY_REFERENCE,
     ProcessingError,
     classical_choice,
 )
@@ -247,7 +248,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _lastOutputHasUncertainty(self) -> bool:
         output = self._lastOutput
         return bool(output is not None and output.GetScene() is not None
-                    and output.GetNodeReference("CTSliceInterpUncertainty") is not None)
+                    and output.GetNodeReference(UNCERTAINTY_REFERENCE) is not None)
 
     def onShowUncertaintyToggled(self, checked) -> None:
         if self._lastOutput is not None and self._lastOutput.GetScene() is not None:
@@ -616,7 +617,7 @@ class CTSliceInterpTest(ScriptedLoadableModuleTest):
             testing.check_output_geometry(source, output, 1.0)
             testing.check_output_values_plausible(source, output)
             testing.check_layout(slicer.mrmlScene, source, output)
-            uncertainty = output.GetNodeReference("CTSliceInterpUncertainty")
+            uncertainty = output.GetNodeReference(UNCERTAINTY_REFERENCE)
             self.assertIsNotNone(uncertainty)
             testing.check_output_geometry(source, uncertainty, 1.0)
         finally:

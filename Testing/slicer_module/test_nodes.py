@@ -190,12 +190,6 @@ def test_job_parameters():
         logic.job_parameters("tiny", 1.0, samples=0)
 
 
-def test_classical_method_names_match_the_backend():
-    from ctsliceinterp.api import CLASSICAL_METHODS
-
-    assert logic.CLASSICAL_METHODS == CLASSICAL_METHODS
-
-
 def test_uncertainty_overlay_is_transparent_where_the_samples_agree(scene, make_volume):
     """A spread under UNCERTAINTY_THRESHOLD_HU shows nothing: the display node's threshold makes
     those voxels transparent, so the output is not blended with the colour table's black."""
