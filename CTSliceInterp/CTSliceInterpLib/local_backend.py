@@ -3,9 +3,9 @@
 Started once, on first local use, and kept warm between runs (the model stays loaded). It
 listens on a free port chosen by the server (``--port 0``) and announces itself by writing
 ``{"url", "pid"}`` to a ready file; a random token, passed in the environment (never on the
-command line, where other users could read it), keeps other local processes out. It is stopped
-when the module is cleaned up (application exit, module reload) and, as a last resort, at
-interpreter exit. The server also watches this process (``--parent-pid``) and exits when it
+command line, where other users could read it), keeps other local processes out. It is stopped,
+with every process it started, when the module is cleaned up (application exit, module reload)
+and, as a last resort, at interpreter exit. The server also watches this process (``--parent-pid``) and exits when it
 ends, so a crashed Slicer leaves no server behind.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import logging
+import os
 import secrets
 import shutil
 import signal
