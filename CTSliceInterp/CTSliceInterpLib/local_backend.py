@@ -217,13 +217,13 @@ class LocalBackend:
 def _stop_process_tree(process: subprocess.Popen, timeout: float) -> None:
     """Terminate ``process`` and its descendants (its process group), then kill what is left."""
     if sys.platform.startswith("win"):
+        # A windowless console process ignores a polite taskkill; /T takes the launcher's children.
         if process.poll() is None:
-            subprocess.run(["taskkill", "/T", "/PID", str(process.pid)], capture_output=True)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True)
-                process.wait(timeout)
+                logging.warning("CTSliceInterp: the local backend (pid %d) did not stop", process.pid)
         return
     group = process.pid  # start_new_session: the child leads its own group
     for signal_number in (signal.SIGTERM, signal.SIGKILL):
