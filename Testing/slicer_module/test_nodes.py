@@ -229,3 +229,15 @@ def test_first_ct_volume_skips_label_maps(scene, make_volume):
                     class_name="vtkMRMLLabelMapVolumeNode")
     ct = add_volume_node(scene, volume, "CT")
     assert nodes.first_ct_volume(scene) is ct
+
+
+def test_the_self_tests_in_process_classical_path(scene):
+    """What CTSliceInterpTest runs on a stock Slicer (nothing installed, no network)."""
+    from CTSliceInterpLib import testing
+
+    source = testing.add_synthetic_thick_node(scene)
+    output = testing.interpolate_in_process(scene, source, spacing=1.0, method="bspline")
+    assert output.GetName() == "SyntheticThickCT_1mm"
+    testing.check_output_geometry(source, output, 1.0)
+    testing.check_output_values_bspline(source, output)
+    testing.check_layout(scene, source, output)
