@@ -1,46 +1,122 @@
-"""The single function that runs a method on a Volume. CLI, server and Slicer all call it."""
+"""The request contract and the one function that runs a method on a Volume.
+
+The CLI, the server, the client and the Slicer module all speak ``InterpolationRequest``: in
+process it goes to ``interpolate``; over HTTP it travels as ``to_params()`` JSON and the server
+reads it back with ``from_params()``. ``METHODS`` says which methods exist, which is the default
+and which are classical. This module imports neither torch nor scipy (a learned method's
+pipeline is imported only when that method runs), so any Python with numpy can use it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .core.classical import CLASSICAL_METHODS, interpolate_classical
 from .core.errors import InputError
 from .core.grid import DEFAULT_SPACING_MM, like_grid, thin_grid
 from .core.progress import ProgressCallback, as_reporter
 from .core.volume import Geometry, Volume
+from .models import WEIGHTS_DIR
+
+
+# --- the method registry ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One interpolation method.
+
+    A classical method has no ``pipeline``. A learned method names its pipeline class as
+    ``"module:Class"``: ``Class.load(model, device=..., **request.extra)`` returns a loaded model
+    whose ``run(volume, target, reporter=..., **options)`` returns the output Volume, or
+    ``(output, uncertainty)``. ``options`` are the request fields the method takes;
+    ``default_model`` is the shipped model used when the request names none."""
+
+    name: str
+    description: str
+    pipeline: Optional[str] = None
+    default_model: Optional[str] = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def classical(self) -> bool:
+        return self.pipeline is None
+
 
 DIFFUSION_METHOD = "diffusion"
-DEFAULT_MODEL = "default"  # the model shipped in ctsliceinterp/models/weights/default
-CLASSICAL_FALLBACK = "bspline"
+CLASSICAL_FALLBACK = "bspline"  # the default when no learned default model ships
+DEFAULT_MODEL = "default"  # the diffusion model shipped in ctsliceinterp/models/weights/default
+DEFAULT_LEARNED_METHOD = DIFFUSION_METHOD  # the default when its shipped model is installed
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("linear", "linear interpolation along the slice axis (classical baseline)"),
+        Method("bspline", "cubic B-spline interpolation along the slice axis (classical baseline)"),
+        Method("lanczos", "Lanczos-3 windowed-sinc interpolation along the slice axis (classical baseline)"),
+        Method(
+            DIFFUSION_METHOD,
+            "latent diffusion: slice VAE + 3-D latent U-Net, consistent with the thick slices",
+            pipeline="ctsliceinterp.pipelines.diffusion:Interpolator",
+            default_model=DEFAULT_MODEL,
+            options=("steps", "sampler", "samples", "consistency", "seed"),
+        ),
+    )
+}
+CLASSICAL_METHODS = tuple(name for name, method in METHODS.items() if method.classical)
+
+# ``InterpolationRequest.method`` on a client: let the server choose (its default model, else B-spline).
+SERVER_DEFAULT = ""
+
+
+def available_methods() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registry entry for ``name``; an ``InputError`` listing the choices when unknown."""
+    method = METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise InputError(f"unknown method {str(name)[:40]!r}; choose one of {', '.join(available_methods())}")
+    return method
 
 
 def shipped_model_available(name: str = DEFAULT_MODEL) -> bool:
     """True when the package carries the named model's weights (checked without importing torch)."""
-    from pathlib import Path
-
-    return (Path(__file__).resolve().parent / "models" / "weights" / name / "model.json").is_file()
+    folder = WEIGHTS_DIR / name
+    return folder.is_dir() and any(folder.glob("*.json"))
 
 
 def default_method() -> str:
-    """The shipped diffusion model when its weights are installed, else B-spline."""
-    return DIFFUSION_METHOD if shipped_model_available() else CLASSICAL_FALLBACK
+    """The default learned method when its shipped model is installed, else B-spline."""
+    default_model = METHODS[DEFAULT_LEARNED_METHOD].default_model
+    return DEFAULT_LEARNED_METHOD if shipped_model_available(default_model) else CLASSICAL_FALLBACK
 
 
 DEFAULT_METHOD = default_method()
 
 
+# --- the request -----------------------------------------------------------------------------
+# Fields a job's parameters may carry (device and extra are the runner's business, never sent).
+PARAM_FIELDS = ("method", "spacing", "target", "model", "steps", "sampler", "samples", "consistency", "seed")
+MAX_STEPS = 1000
+MAX_SAMPLES = 16
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
+
+
 @dataclass
 class InterpolationRequest:
-    """What to do. ``target`` (a full geometry, e.g. a reference's) overrides ``spacing``."""
+    """What to do. ``target`` (a full geometry, e.g. a reference's) overrides ``spacing``.
+
+    ``method`` is a name from ``METHODS``, or ``SERVER_DEFAULT`` for a request sent to a server."""
 
     method: str = DEFAULT_METHOD
     spacing: float = DEFAULT_SPACING_MM
     target: Optional[Geometry] = None
-    # Diffusion options (ignored by classical methods).
+    # Learned-method options (each method takes those in its ``Method.options``).
     model: Optional[str] = None
     steps: Optional[int] = None
     sampler: Optional[str] = None
@@ -48,7 +124,70 @@ class InterpolationRequest:
     consistency: bool = True
     seed: Optional[int] = None
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keyword options for the model's load (compile=True)
+
+    def to_params(self) -> dict[str, Any]:
+        """The job parameters a server reads back with ``from_params`` (JSON-ready)."""
+        params: dict[str, Any] = {"spacing": self.spacing}
+        if self.method != SERVER_DEFAULT:
+            params["method"] = self.method
+        if self.target is not None:
+            params["target"] = self.target.to_dict()
+        for key in ("model", "steps", "sampler", "seed"):
+            if getattr(self, key) is not None:
+                params[key] = getattr(self, key)
+        params["samples"] = int(self.samples)
+        params["consistency"] = bool(self.consistency)
+        return params
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], device: str = "auto", default_method: str = DEFAULT_METHOD) -> "InterpolationRequest":
+        """A request from job parameters, checked field by field: an unknown field or a wrong
+        type is an ``InputError`` naming it. ``default_method``: used when the parameters name
+        none (a server's default model, or B-spline on a server that serves no model)."""
+        unknown = sorted(set(params) - set(PARAM_FIELDS))
+        if unknown:
+            raise InputError(f"unknown job parameter(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(PARAM_FIELDS)}")
+        method = get_method(params.get("method") or default_method).name
+        spacing = params.get("spacing", DEFAULT_SPACING_MM)
+        if spacing is None:
+            spacing = DEFAULT_SPACING_MM
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or spacing <= 0:
+            raise InputError(f"spacing must be a positive number of mm, got {spacing!r}")
+        target = params.get("target")
+        consistency = params.get("consistency", True)
+        if not isinstance(consistency, bool):
+            raise InputError(f"consistency must be true or false, got {consistency!r}")
+        return cls(
+            method=method,
+            spacing=float(spacing),
+            target=None if target is None else Geometry.from_dict(target, "target"),
+            model=_identifier(params, "model"),
+            steps=_integer(params, "steps", 1, MAX_STEPS),
+            sampler=_identifier(params, "sampler"),
+            samples=_integer(params, "samples", 1, MAX_SAMPLES) or 1,
+            consistency=consistency,
+            seed=_integer(params, "seed", 0, 2**63 - 1),
+            device=device,
+        )
+
+
+def _integer(params: dict, key: str, low: int, high: int) -> Optional[int]:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"{key} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _identifier(params: dict, key: str) -> Optional[str]:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+        raise InputError(f"{key} must be a name of letters, digits and _.+- (at most 128), got {str(value)[:40]!r}")
+    return value
 
 
 @dataclass
@@ -59,14 +198,22 @@ class InterpolationResult:
     method: str = ""
 
 
-def available_methods() -> tuple[str, ...]:
-    return CLASSICAL_METHODS + (DIFFUSION_METHOD,)
-
-
+# --- running ---------------------------------------------------------------------------------
 def target_geometry(volume: Volume, request: InterpolationRequest) -> Geometry:
     if request.target is not None:
         return like_grid(volume.geometry, request.target)
     return thin_grid(volume.geometry, request.spacing)
+
+
+def load_model(method: str, model: Optional[str] = None, device: str = "auto", **options) -> Any:
+    """Load a learned method's model (``model``: a name or a checkpoint folder, default the
+    method's shipped model). Imports the method's pipeline, hence torch."""
+    entry = get_method(method)
+    if entry.classical:
+        raise InputError(f"{method} is a classical method: it has no model to load")
+    module, _, name = entry.pipeline.partition(":")
+    pipeline = getattr(importlib.import_module(module), name)
+    return pipeline.load(model or entry.default_model, device=device, **options)
 
 
 def interpolate(
@@ -78,21 +225,23 @@ def interpolate(
 ) -> InterpolationResult:
     """Interpolate a thick ``volume`` (HU, LPS geometry) onto the requested thin grid.
 
-    ``interpolator``: an already-loaded diffusion ``Interpolator`` (the server keeps one warm);
-    when absent and the method is ``diffusion``, the model named in the request is loaded."""
+    ``interpolator``: an already-loaded model of the request's learned method (the server keeps
+    one warm); when absent, the model named in the request is loaded."""
     request = request or InterpolationRequest()
+    method = get_method(request.method)
     reporter = as_reporter(progress, cancel)
     volume.check_finite()
     target = target_geometry(volume, request)
     start = time.perf_counter()
-    if request.method in CLASSICAL_METHODS:
-        result = InterpolationResult(interpolate_classical(volume, target, request.method, reporter))
-    elif request.method == DIFFUSION_METHOD:
-        from .pipelines.diffusion import run_diffusion  # torch and the model load only when needed
+    if method.classical:
+        from .core.classical import interpolate_classical  # scipy loads only when needed
 
-        result = run_diffusion(volume, target, request, reporter, interpolator)
+        result = InterpolationResult(interpolate_classical(volume, target, method.name, reporter))
     else:
-        raise InputError(f"unknown method {request.method!r}; choose one of {', '.join(available_methods())}")
+        model = interpolator or load_model(method.name, request.model, request.device, **request.extra)
+        options = {key: getattr(request, key) for key in method.options}
+        output = model.run(volume, target, reporter=reporter, **options)
+        result = InterpolationResult(*output) if isinstance(output, tuple) else InterpolationResult(output)
     result.seconds = time.perf_counter() - start
-    result.method = request.method
+    result.method = method.name
     return result

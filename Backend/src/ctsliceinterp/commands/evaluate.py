@@ -6,7 +6,9 @@ from __future__ import annotations
 import shlex
 import sys
 
-DEFAULT_METHODS = "linear,bspline,lanczos"
+from ..api import CLASSICAL_METHODS, DIFFUSION_METHOD, available_methods
+
+DEFAULT_METHODS = ",".join(CLASSICAL_METHODS)
 
 
 def configure_parser(parser) -> None:
@@ -41,7 +43,6 @@ def main(args) -> int:
     from ..evaluation.evaluate import evaluate_methods, format_table, real_pair_case, simulated_case, write_json, write_summary
     from ..io import read_volume
     from ..io.atomic import check_output_path
-    from ..api import available_methods
     from .common import TqdmProgress
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -77,7 +78,7 @@ def main(args) -> int:
     del reference
 
     options = {"device": args.device, "seed": args.seed}
-    if "diffusion" in methods:
+    if DIFFUSION_METHOD in methods:
         options.update(model=args.model, steps=args.steps, sampler=args.sampler)
     progress = TqdmProgress(enabled=not args.no_progress)
     try:
@@ -113,15 +114,14 @@ def _main_cache(args, methods: list[str]) -> int:
     from ..core.errors import InputError
     from ..evaluation.evaluate_cache import evaluate_split
     from ..io.atomic import check_output_path
-    from ..api import available_methods
     from .common import TqdmProgress
 
     if args.thin or args.thick or args.thickness:
         raise InputError("--cache evaluates the cached pairs: leave out --thin, --thick and --thickness")
     if not args.report:
         raise InputError("--cache needs --report DIR for the report (JSON, CSV, figures, summary.md)")
-    if args.model and "diffusion" not in methods and args.methods == DEFAULT_METHODS:
-        methods.append("diffusion")  # --model given: the model runs beside the classical baselines
+    if args.model and DIFFUSION_METHOD not in methods and args.methods == DEFAULT_METHODS:
+        methods.append(DIFFUSION_METHOD)  # --model given: the model runs beside the classical baselines
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available_methods())}")
@@ -129,7 +129,7 @@ def _main_cache(args, methods: list[str]) -> int:
         raise InputError(f"--crop must be at least 16 pixels, got {args.crop}")
     report_dir = check_output_path(Path(args.report), [args.cache])
     options = {"device": args.device, "seed": args.seed}
-    if "diffusion" in methods:
+    if DIFFUSION_METHOD in methods:
         options.update(model=args.model, steps=args.steps, sampler=args.sampler)
     command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     progress = TqdmProgress(enabled=not args.no_progress)

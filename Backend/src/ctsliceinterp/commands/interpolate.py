@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
 from ..core.grid import DEFAULT_SPACING_MM
-from ..core.classical import CLASSICAL_METHODS
-from ..api import DEFAULT_METHOD, available_methods
 from .common import TqdmProgress, add_input_arguments
 
 
@@ -43,9 +42,9 @@ def build_request(args, reference_geometry=None):
     # Model options without --method mean the diffusion method. On a server without --method,
     # the server's own default applies (its model, or B-spline).
     wants_model = args.model or args.steps or args.sampler or args.samples > 1 or args.uncertainty
-    method = args.method or ("diffusion" if wants_model else ("" if args.server else DEFAULT_METHOD))
-    if method in CLASSICAL_METHODS and (args.uncertainty or args.samples > 1):
-        raise InputError(f"--samples and --uncertainty need the diffusion method, not {method}")
+    method = args.method or (DIFFUSION_METHOD if wants_model else (SERVER_DEFAULT if args.server else DEFAULT_METHOD))
+    if method != SERVER_DEFAULT and "samples" not in get_method(method).options and (args.uncertainty or args.samples > 1):
+        raise InputError(f"--samples and --uncertainty need the {DIFFUSION_METHOD} method, not {method}")
     if args.uncertainty and args.samples < 2:
         raise InputError("--uncertainty needs --samples 2 or more")
     return InterpolationRequest(

@@ -52,24 +52,33 @@ def _lanczos(t: np.ndarray) -> np.ndarray:
     return np.where(np.abs(t) < LANCZOS_A, np.sinc(t) * np.sinc(t / LANCZOS_A), 0.0)
 
 
+def _bspline_matrix(n_in: int, x: np.ndarray) -> np.ndarray:
+    # Interpolating cubic B-spline: basis weights applied to prefiltered coefficients.
+    prefilter = ndimage.spline_filter1d(np.eye(n_in), order=3, axis=0, mode="mirror")
+    return _kernel_matrix(x, n_in, 2, _cubic_bspline) @ prefilter
+
+
+def _lanczos_matrix(n_in: int, x: np.ndarray) -> np.ndarray:
+    w = _kernel_matrix(x, n_in, LANCZOS_A, _lanczos)
+    return w / w.sum(axis=1, keepdims=True)  # windowed sinc does not sum to 1 exactly
+
+
+# How each classical method of ``ctsliceinterp.api.METHODS`` builds its matrix.
+MATRIX_BUILDERS = {
+    "linear": lambda n_in, x: _kernel_matrix(x, n_in, 1, _linear),
+    "bspline": _bspline_matrix,
+    "lanczos": _lanczos_matrix,
+}
+
+
 def interpolation_matrix(method: str, n_in: int, x: np.ndarray) -> np.ndarray:
     """W such that out = W @ in for continuous source indices ``x`` (clamped to [0, n_in-1])."""
     x = np.clip(np.asarray(x, dtype=float), 0.0, n_in - 1.0)
     if n_in < 2:
         raise InputError("at least 2 slices are needed to interpolate")
-    if method == "linear":
-        return _kernel_matrix(x, n_in, 1, _linear)
-    if method == "bspline":
-        # Interpolating cubic B-spline: basis weights applied to prefiltered coefficients.
-        prefilter = ndimage.spline_filter1d(np.eye(n_in), order=3, axis=0, mode="mirror")
-        return _kernel_matrix(x, n_in, 2, _cubic_bspline) @ prefilter
-    if method == "lanczos":
-        w = _kernel_matrix(x, n_in, LANCZOS_A, _lanczos)
-        return w / w.sum(axis=1, keepdims=True)  # windowed sinc does not sum to 1 exactly
-    raise InputError(f"unknown classical method {method!r}; choose one of {', '.join(CLASSICAL_METHODS)}")
-
-
-CLASSICAL_METHODS = ("linear", "bspline", "lanczos")
+    if method not in MATRIX_BUILDERS:
+        raise InputError(f"unknown classical method {method!r}; choose one of {', '.join(MATRIX_BUILDERS)}")
+    return MATRIX_BUILDERS[method](n_in, x)
 
 
 def interpolate_classical(volume: Volume, target: Geometry, method: str = "bspline", progress=None) -> Volume:

@@ -16,12 +16,13 @@ Format adapters convert to and from ``Volume`` at the edges; methods only see ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import GeometryError, InputError
+from .errors import CTSliceInterpError, GeometryError, InputError
 
 # Slices whose positions differ by less than this (relative to the spacing) count as uniform.
 SPACING_TOLERANCE = 1e-3
@@ -103,6 +104,54 @@ class Geometry:
         delta = np.asarray(other.origin) - np.asarray(self.origin)
         in_plane = delta - np.dot(delta, self.normal) * self.normal
         return bool(np.linalg.norm(in_plane) <= tolerance_mm)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 matrix taking a voxel index (i, j, k, 1) to its LPS position in mm."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction_matrix * np.asarray(self.spacing)  # column k: axis k times its spacing
+        affine[:3, 3] = self.origin
+        return affine
+
+    # --- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, name: str = "geometry") -> "Geometry":
+        """The inverse of ``to_dict``, strict: anything else is an ``InputError`` that says what
+        is wrong with ``name`` (the field the dict came from, e.g. ``target``)."""
+        fields = ("shape", "spacing", "origin", "direction")
+        if not isinstance(value, dict):
+            raise InputError(f"{name} must be an object with shape, spacing, origin and direction")
+        missing = [k for k in fields if k not in value]
+        if missing:
+            raise InputError(f"{name} is missing {', '.join(missing)}")
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise InputError(f"{name} has unknown fields: {', '.join(unknown)}")
+        try:
+            integers = all(isinstance(v, int) and not isinstance(v, bool) for v in value["shape"])
+            shape = [int(v) for v in value["shape"]] if integers else None
+            numbers = [[float(v) for v in value[k]] for k in fields[1:]]
+        except (TypeError, ValueError):
+            raise InputError(f"{name} shape, spacing, origin and direction must be lists of numbers") from None
+        if shape is None or len(shape) != 3 or any(n < 1 for n in shape):
+            raise InputError(f"{name} shape must be 3 positive integers (nz, ny, nx)")
+        spacing, origin, direction = numbers
+        if len(spacing) != 3 or len(origin) != 3 or len(direction) != 9:
+            raise InputError(f"{name} spacing and origin need 3 numbers, direction 9")
+        if not all(math.isfinite(v) for v in spacing + origin + direction):
+            raise InputError(f"{name} geometry must be finite numbers")
+        try:
+            return cls(tuple(shape), tuple(spacing), tuple(origin), tuple(direction))
+        except CTSliceInterpError as exc:
+            raise InputError(f"invalid {name} geometry: {exc}") from None
 
     def describe(self) -> str:
         return (

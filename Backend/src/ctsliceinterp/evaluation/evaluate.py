@@ -11,7 +11,7 @@ In both, the reference is restricted to the slices between the first and the las
 centre (where interpolation is defined; beyond them every method only extrapolates), and the
 metrics then drop the first and last ``metrics.EDGE_SLICES`` of those, as RPLHR-CT does.
 
-Every method runs through ``run.interpolate``, the same entry the CLI, the server and Slicer use.
+Every method runs through ``api.interpolate``, the same entry the CLI, the server and Slicer use.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from .evaluate import (
 )
 from .evaluate import write_json as write_case_json
 from ..io.atomic import atomic_file
-from ..api import DEFAULT_MODEL, DIFFUSION_METHOD
+from ..api import DIFFUSION_METHOD, load_model
 from ..core.volume import Geometry, Volume
 
 SCORE_KEYS = [key for key, _, _ in COLUMNS]
@@ -147,10 +147,8 @@ def evaluate_split(
     report = SplitReport(str(cache), split, methods, [], crop)
     interpolator = None
     if DIFFUSION_METHOD in methods:  # load the model once for the whole split
-        from ..pipelines.diffusion import Interpolator
-
         opts = dict(options or {})
-        interpolator = Interpolator.load(opts.get("model") or DEFAULT_MODEL, device=opts.get("device", "auto"))
+        interpolator = load_model(DIFFUSION_METHOD, opts.get("model"), device=opts.get("device", "auto"))
     for case in cases:
         outcome = CaseOutcome(case.key, str(case.manifest.get("origin", "")))
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.errors import CTSliceInterpError
+from ..models import WEIGHTS_DIR
 from ..models.configs import ConfigError, ModelConfig
 
 FORMAT_NAME = "ctsliceinterp-latent-diffusion"
@@ -30,7 +31,6 @@ FORMAT_VERSION = 1
 MANIFEST = "model.json"
 VAE_FILE = "vae.safetensors"
 UNET_FILE = "unet.safetensors"
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 
 
 class CheckpointError(CTSliceInterpError):

@@ -1,6 +1,7 @@
 """The diffusion ``Interpolator``: thick HU volume in, thin HU volume out.
 
-One entry for the CLI, the server and Slicer (through ``run.interpolate``). In order:
+The ``diffusion`` method of ``ctsliceinterp.api`` (the CLI, the server and Slicer reach it through
+``api.interpolate``). In order:
 
 1. window and normalise (the model sees ``config.window`` mapped to [-1, 1]);
 2. VAE-encode the thick slices in batches (posterior mean, times the stored latent scale);
@@ -353,15 +354,3 @@ class Interpolator:
             uncertainty = Volume(std, target, {**metadata, "quantity": "standard deviation (HU)"})
         return output, uncertainty
 
-
-def run_diffusion(volume: Volume, target: Geometry, request, reporter, interpolator: Optional[Interpolator] = None):
-    """``run.interpolate``'s diffusion branch: load the requested model unless one is given."""
-    from ..api import InterpolationResult
-
-    if interpolator is None:
-        interpolator = Interpolator.load(request.model or "default", device=request.device, compile=bool(request.extra.get("compile", False)))
-    output, uncertainty = interpolator.run(
-        volume, target, steps=request.steps, sampler=request.sampler, samples=request.samples,
-        consistency=request.consistency, seed=request.seed, reporter=reporter,
-    )
-    return InterpolationResult(output, uncertainty)

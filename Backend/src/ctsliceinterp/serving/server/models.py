@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ...core.classical import CLASSICAL_METHODS
+from ...api import CLASSICAL_METHODS
 from ...core.errors import InputError
 
 log = logging.getLogger("ctsliceinterp.serving.server")
