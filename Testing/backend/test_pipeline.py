@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctsliceinterp.core.acquisition import consistency_mae, simulate_thick
+from ctsliceinterp.core.acquisition import consistency_correction, consistency_mae, simulate_thick
 from ctsliceinterp.pipelines.checkpoint import (
     MANIFEST,
     UNET_FILE,
@@ -27,7 +27,7 @@ from ctsliceinterp.core.grid import thin_grid
 from ctsliceinterp.models.configs import get_config
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE
-from ctsliceinterp.pipelines.diffusion import Interpolator, blend_over_depth, chunk_starts, consistency_correction
+from ctsliceinterp.pipelines.diffusion import Interpolator, blend_over_depth, chunk_starts
 from ctsliceinterp.core.progress import Reporter
 from ctsliceinterp.core.volume import Geometry, Volume
 
@@ -257,7 +257,7 @@ def test_consistency_correction_leaves_an_exact_ramp_exact_at_the_ends():
     from ctsliceinterp.core.acquisition import simulate_thick
     from ctsliceinterp.core.classical import interpolate_classical
     from ctsliceinterp.core.grid import thin_grid
-    from ctsliceinterp.pipelines.diffusion import consistency_correction
+    from ctsliceinterp.core.acquisition import consistency_correction
     from ctsliceinterp.core.volume import Volume
 
     z = np.arange(60, dtype=np.float32)

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..core.acquisition import apply_along_slices, slab_weights
+from ..core.acquisition import consistency_correction
 from .checkpoint import Checkpoint, load_checkpoint
 from ..core.classical import interpolate_classical
 from ..schedulers import sample, sampling_scheduler
@@ -138,50 +138,6 @@ def blend_over_depth(fn: Callable[[int, int], torch.Tensor], shape: tuple[int, .
         out[:, :, start:stop] += fn(start, stop).float() * w[None, None, :, None, None]
         total[start:stop] += w
     return out / total[None, None, :, None, None]
-
-
-# --- consistency ----------------------------------------------------------------------------
-def consistency_correction(
-    thin: np.ndarray,
-    thin_geometry: Geometry,
-    thick: np.ndarray,
-    thick_geometry: Geometry,
-    thickness: float,
-    tolerance_hu: float = 1.0,
-    max_iterations: int = 50,
-    reporter: Optional[Reporter] = None,
-) -> tuple[np.ndarray, list[float]]:
-    """Iterative back-projection onto the measured thick slices.
-
-    A (n_thick, n_thin) is the acquisition model (slab means). Each iteration re-averages the
-    thin volume, takes the residual r = thick - A @ thin and adds pinv(A) @ r, the smallest
-    change that explains it (for non-overlapping slabs: the slab's residual spread evenly over
-    its thin slices). Stops when the mean |r| <= ``tolerance_hu``. Only slabs fully inside the thin
-    coverage are used (as in ``acquisition.consistency_mae``): a partly covered slab's measured
-    mean includes tissue outside the output, so matching it would push error into the end slices.
-    Returns the corrected volume and the residual history."""
-    reporter = reporter or Reporter()
-    pos = thin_geometry.slice_positions()
-    spacing = thin_geometry.slice_spacing
-    centres = thick_geometry.slice_positions()
-    lo, hi = pos[0] - spacing / 2 - 1e-6, pos[-1] + spacing / 2 + 1e-6
-    inside = (centres - thickness / 2 >= lo) & (centres + thickness / 2 <= hi)
-    out = np.array(thin, dtype=np.float32, copy=True)
-    if not np.any(inside):
-        return out, []
-    measured = np.asarray(thick, dtype=np.float32)[inside]
-    acquisition = slab_weights(pos, spacing, centres[inside], thickness)
-    back_projection = np.linalg.pinv(acquisition)
-    history: list[float] = []
-    for iteration in range(max_iterations):
-        residual = measured - apply_along_slices(acquisition, out)
-        history.append(float(np.mean(np.abs(residual))))
-        reporter.update("consistency", iteration + 1, max_iterations)
-        if history[-1] <= tolerance_hu:
-            break
-        out += apply_along_slices(back_projection, residual)
-    reporter.update("consistency", max_iterations, max_iterations)
-    return out, history
 
 
 def _pad_in_plane(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
