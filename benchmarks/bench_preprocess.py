@@ -76,7 +76,7 @@ def main() -> int:
 
     import statistics
 
-    from ctsliceinterp.io.dicom import _inflate
+    from ctsliceinterp.io.dicom.sources import _inflate
 
     times = {"origin": [], "ours": []}
     sizes = {}

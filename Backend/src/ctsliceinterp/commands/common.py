@@ -10,6 +10,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, name: str = "input", he
     parser.add_argument(name, help=help_text)
     parser.add_argument("--series", choices=["thick", "thin"], help="for a case ZIP/folder (case_X/1 thick, case_X/2 thin)")
     parser.add_argument("--series-uid", help="SeriesInstanceUID to pick when several series are present")
+    parser.add_argument("--detilt", action="store_true",
+                        help="resample a gantry-tilted DICOM series onto an orthogonal grid (refused without it)")
 
 
 class TqdmProgress:

@@ -17,7 +17,7 @@ def configure_parser(parser) -> None:
 def main(args) -> int:
     from ..io import read_volume
 
-    volume = read_volume(args.path, series=args.series, series_uid=args.series_uid)
+    volume = read_volume(args.path, series=args.series, series_uid=args.series_uid, detilt=args.detilt)
     g = volume.geometry
     a = volume.array
     positions = g.slice_positions()

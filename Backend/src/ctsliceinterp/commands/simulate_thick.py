@@ -18,7 +18,7 @@ def main(args) -> int:
     from ..io.atomic import check_output_path
 
     check_output_path(args.output, [args.thin])
-    thin = read_volume(args.thin, series=args.series, series_uid=args.series_uid)
+    thin = read_volume(args.thin, series=args.series, series_uid=args.series_uid, detilt=args.detilt)
     thick = simulate_thick(thin, args.thickness, args.spacing)
     out = write_volume(thick, args.output, inputs=[args.thin])
     print(f"wrote {out}: {thick.shape[0]} slices of {args.thickness:g} mm every {thick.spacing[2]:g} mm")

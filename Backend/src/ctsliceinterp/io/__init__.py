@@ -34,11 +34,12 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def read_volume(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None) -> Volume:
+def read_volume(path: str | os.PathLike, series: str | None = None, series_uid: str | None = None,
+                detilt: bool = False) -> Volume:
     """Read a CT volume in HU with its geometry (LPS). See the module docstring for formats.
 
     ``series``: "thick" or "thin" for the case layout; ``series_uid`` picks one series when a
-    folder or ZIP holds several."""
+    folder or ZIP holds several; ``detilt``: resample a gantry-tilted DICOM series (else refused)."""
     from .validate import validate_ct
 
     p = Path(path).expanduser()
@@ -48,10 +49,10 @@ def read_volume(path: str | os.PathLike, series: str | None = None, series_uid: 
     if p.is_dir() or suffix in (".zip", ".dcm") or (suffix not in ITK_SUFFIXES and _is_dicom_file(p)):
         from .dicom import read_dicom  # pydicom is imported only when DICOM is read
 
-        volume = read_dicom(p, series=series, series_uid=series_uid)
+        volume = read_dicom(p, series=series, series_uid=series_uid, detilt=detilt)
     elif suffix in ITK_SUFFIXES:
-        if series or series_uid:
-            raise InputError("--series and --series-uid apply to DICOM folders and ZIPs only")
+        if series or series_uid or detilt:
+            raise InputError("--series, --series-uid and --detilt apply to DICOM input only")
         volume = read_itk(str(p))
     else:
         raise InputError(
@@ -70,13 +71,12 @@ def write_volume(volume: Volume, path: str | os.PathLike, inputs=()) -> Path:
     """Write ``volume`` atomically. ``inputs`` are paths that must never be overwritten."""
     out = check_output_path(str(path).rstrip("/") or str(path), inputs)
     if is_dicom_output(path):
-        from .dicom import write_dicom_series
+        from .dicom import is_ctsliceinterp_series, write_dicom_series
 
-        if out.exists() and any(out.iterdir()) and not (out / ".ctsliceinterp-series").exists():
+        if out.exists() and any(out.iterdir()) and not is_ctsliceinterp_series(out):
             raise OutputError(f"the output folder {out} exists and is not empty: choose a new folder for the DICOM series")
         with atomic_directory(out) as tmp:
             write_dicom_series(volume, tmp)
-            (tmp / ".ctsliceinterp-series").write_text("written by ctsliceinterp\n")
         return out
     suffix = _suffix(out)
     if suffix not in ITK_SUFFIXES:
