@@ -43,7 +43,8 @@ def main(args) -> int:
     from ..api import DEFAULT_MODEL, shipped_model_available
     from ..io.atomic import atomic_file
     from ..serving.server import ServerConfig, create_app
-    from ..serving.server.auth import check_bind_allowed, read_token
+    from ..serving.access import read_token
+    from ..serving.server.auth import check_bind_allowed
     from ..serving.server.config import MiB
 
     token = read_token(args.token_file)

@@ -1,0 +1,45 @@
+"""The command line's way to a server: ``interpolate_remote`` takes and returns what
+``api.interpolate`` does, so ``ctsliceinterp interpolate --server URL`` writes the same files as
+a local run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..access import read_token
+from ..nrrd_bytes import geometry_to_dict
+from .calls import Client
+
+
+def request_params(request) -> dict:
+    """Job parameters from an ``api.InterpolationRequest`` (only what the server accepts)."""
+    params: dict[str, Any] = {"spacing": request.spacing}
+    if request.method:  # empty: the server's own default (its model, or B-spline)
+        params["method"] = request.method
+    if request.target is not None:
+        params["target"] = geometry_to_dict(request.target)
+    for key in ("model", "steps", "sampler", "seed"):
+        if getattr(request, key, None) is not None:
+            params[key] = getattr(request, key)
+    params["samples"] = int(request.samples)
+    params["consistency"] = bool(request.consistency)
+    return params
+
+
+def interpolate_remote(url, volume, request, token_file=None, token=None, progress=None, cancel=None, **client_options):
+    """``api.interpolate`` on a server: same request in, same ``InterpolationResult`` out.
+
+    The token is ``token``, else the first line of ``token_file``, else ``$CTSLICEINTERP_TOKEN``.
+    Only voxels and geometry are sent; the input's metadata (DICOM tags) goes back onto the result
+    here, as the local path does."""
+    from ...api import InterpolationResult  # not needed by GUI users of Client
+
+    client = Client(url, token=token or read_token(token_file), **client_options)
+    start = time.perf_counter()
+    thin, uncertainty = client.run(volume, request_params(request), progress=progress, cancel=cancel)
+    local = {k: v for k, v in volume.metadata.items() if k != "slice_thickness"}
+    thin = thin.replace(**{**local, **thin.metadata})
+    if uncertainty is not None:
+        uncertainty = uncertainty.replace(**{**local, **uncertainty.metadata})
+    return InterpolationResult(thin, uncertainty, seconds=time.perf_counter() - start, method=request.method or "server default")
