@@ -70,7 +70,7 @@ def main(args) -> int:
     check_output_path(args.output, inputs)
     if args.uncertainty:
         check_output_path(args.uncertainty, inputs + [args.output])
-    volume = read_volume(args.input, series=args.series, series_uid=args.series_uid)
+    volume = read_volume(args.input, series=args.series, series_uid=args.series_uid, detilt=args.detilt)
     reference = read_volume(args.like, series=args.like_series).geometry if args.like else None
     request = build_request(args, reference)
     progress = TqdmProgress(enabled=not args.no_progress)

@@ -24,7 +24,7 @@ NOT_CARRIED = ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "SliceT
 # Type 2 (and the Type 2C that apply to CT): present, empty when unknown.
 EMPTY_WHEN_UNKNOWN = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "PatientPosition", "Laterality", "Manufacturer", "PositionReferenceIndicator", "KVP",
+    "StudyID", "AccessionNumber", "PatientPosition", "Manufacturer", "PositionReferenceIndicator", "KVP",
     "AcquisitionNumber",
 )
 
@@ -90,6 +90,8 @@ def _patient_and_study(base, source: dict, date: str, time: str) -> None:
     for key in EMPTY_WHEN_UNKNOWN:
         if key not in base:
             setattr(base, key, "")
+    if "Laterality" not in base and not base.get("BodyPartExamined"):
+        base.Laterality = ""  # Type 2C: unknown body part, so unknown laterality (absent for a known unpaired part)
     if not source.get("StudyDate"):
         base.StudyDate, base.StudyTime = date, time
     base.StudyInstanceUID = source.get("StudyInstanceUID") or generate_uid()
