@@ -46,6 +46,8 @@ class Method:
         return self.pipeline is None
 
 
+REGRESSION_METHOD = "regression"
+REGRESSION_MODEL = "regression"  # the network shipped in ctsliceinterp/models/weights/regression
 DIFFUSION_METHOD = "diffusion"
 CLASSICAL_FALLBACK = "bspline"  # the default when no learned default model ships
 DEFAULT_MODEL = "default"  # the diffusion model shipped in ctsliceinterp/models/weights/default
@@ -57,6 +59,13 @@ METHODS: dict[str, Method] = {
         Method("linear", "linear interpolation along the slice axis (classical baseline)"),
         Method("bspline", "cubic B-spline interpolation along the slice axis (classical baseline)"),
         Method("lanczos", "Lanczos-3 windowed-sinc interpolation along the slice axis (classical baseline)"),
+        Method(
+            REGRESSION_METHOD,
+            "through-plane network: B-spline plus a learned correction, consistent with the thick slices",
+            pipeline="ctsliceinterp.pipelines.regression:RegressionInterpolator",
+            default_model=REGRESSION_MODEL,
+            options=("consistency",),
+        ),
         Method(
             DIFFUSION_METHOD,
             "latent diffusion: slice VAE + 3-D latent U-Net, consistent with the thick slices",

@@ -27,10 +27,9 @@ from ..core.errors import GeometryError, InputError
 from ..core.grid import fractional_indices
 from ..core.progress import as_reporter
 from ..core.volume import Geometry, Volume
+from ..models import WEIGHTS_DIR
 from ..models.regression import CONFIG_FILE, RegressionConfig, ThroughPlaneNet
 
-DEFAULT_REGRESSION_MODEL = "regression"  # shipped in ctsliceinterp/models/weights/regression
-WEIGHTS_ROOT = Path(__file__).resolve().parent.parent / "models" / "weights"
 ESTIMATE_RANGE = (-1.5, 3.5)  # network units (HU / hu_scale) the estimate channel is clipped to
 DIFFERENCE_LIMIT = 3.0
 REFERENCE_SPACING_MM = 5.0
@@ -75,7 +74,7 @@ def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
     candidate = Path(name_or_path).expanduser()
     if (candidate / CONFIG_FILE).is_file():
         return candidate
-    shipped = WEIGHTS_ROOT / str(name_or_path)
+    shipped = WEIGHTS_DIR / str(name_or_path)
     if (shipped / CONFIG_FILE).is_file():
         return shipped
     raise InputError(
@@ -89,19 +88,20 @@ class RegressionInterpolator:
     def __init__(self, net: ThroughPlaneNet, device: str | torch.device = "auto", name: str = ""):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
-        self.net = net.to(self.device).eval()
+        # channels-last convolutions are about 1.3x faster on CPU (oneDNN), the same numbers
+        self.net = net.to(self.device, memory_format=torch.channels_last).eval()
         self.config = net.config
         self.name = name
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike = DEFAULT_REGRESSION_MODEL, device="auto") -> "RegressionInterpolator":
+    def load(cls, name_or_path: str | os.PathLike, device="auto") -> "RegressionInterpolator":
         folder = resolve_model_folder(name_or_path)
         return cls(ThroughPlaneNet.from_pretrained(folder), device, name=str(name_or_path))
 
     @torch.inference_mode()
     def correct(self, inputs: np.ndarray) -> np.ndarray:
         """Network correction in HU for a batch of ``network_inputs``."""
-        tensor = torch.from_numpy(inputs).to(self.device)
+        tensor = torch.from_numpy(inputs).to(self.device, memory_format=torch.channels_last)
         return (self.net(tensor)[:, 0].float() * self.config.hu_scale).cpu().numpy()
 
     def run(self, volume: Volume, target: Geometry, consistency: bool = True, reporter=None,

@@ -1,0 +1,83 @@
+"""Benchmark: the ``regression`` method against B-spline, time and peak memory, in one run.
+
+    .venv/bin/python benchmarks/bench_regression.py [--repeats 3] [--json docs/quality/bench_regression.json]
+
+Each case runs ``ctsliceinterp interpolate`` in a fresh process (the peak resident memory is the
+process's own, read from ``getrusage`` as it exits), B-spline and regression alternating,
+``--repeats`` times; times are medians, memory the largest peak. Cases:
+- the bundled phantom (28 x 512 x 512, 5 mm) to 1 mm: the README's demo workload;
+- the same to 0.45 mm (a 300-slice output): memory must stay bounded by the output, since the
+  network runs a few slices at a time.
+The machine is named in the JSON; on a shared machine the times are indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "samples" / "phantom_head_thick_5mm.nii.gz"
+CASES = (("phantom 5 mm -> 1 mm (136 slices)", 1.0), ("phantom 5 mm -> 0.45 mm (300 slices)", 0.45))
+METHODS = ("bspline", "regression")
+THREADS = "2"
+
+
+PEAK_PROBE = (
+    "import resource, runpy, sys\n"
+    "sys.argv = ['ctsliceinterp'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('ctsliceinterp.cli', run_name='__main__')\n"
+    "finally:\n    print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+)
+
+
+def run_once(method: str, spacing: float, out: Path) -> tuple[float, float]:
+    """Seconds and peak resident memory (MiB) of one ``interpolate`` process."""
+    command = [sys.executable, "-c", PEAK_PROBE, "interpolate", str(SAMPLE), "-o", str(out),
+               "--method", method, "--spacing", str(spacing), "--device", "cpu", "--no-progress"]
+    env = {"OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "Backend" / "src")}
+    start = time.perf_counter()
+    done = subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    peak_kib = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_KIB")]
+    return seconds, int(peak_kib[-1]) / 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, spacing in CASES:
+            runs = {m: {"seconds": [], "peak_mib": []} for m in METHODS}
+            for _ in range(args.repeats):
+                for method in METHODS:  # alternating, so a slow spell of the machine hits both
+                    seconds, peak = run_once(method, spacing, Path(tmp) / f"{method}.nrrd")
+                    runs[method]["seconds"].append(seconds)
+                    runs[method]["peak_mib"].append(peak)
+            row = {"case": label, "spacing_mm": spacing}
+            for method in METHODS:
+                row[method] = {"median_seconds": statistics.median(runs[method]["seconds"]),
+                               "seconds": runs[method]["seconds"], "peak_mib": max(runs[method]["peak_mib"])}
+            results.append(row)
+            print(f"{label}: " + ", ".join(f"{m} {row[m]['median_seconds']:.1f} s (peak {row[m]['peak_mib']:.0f} MiB)"
+                                           for m in METHODS))
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": THREADS,
+                          "cpus": __import__("os").cpu_count()}, "repeats": args.repeats, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
