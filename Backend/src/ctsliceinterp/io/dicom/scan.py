@@ -131,51 +131,57 @@ def _number(value, default: float | None) -> float | None:
     return number if np.isfinite(number) else default
 
 
-def _parse_header(member: Member, data: bytes | None, claims_dicom: bool):
+def _parse_header(stream, claims_dicom: bool):
     """(dataset, pixel offset, declared pixel length) with pydicom, stopping before the pixels."""
     import pydicom
 
-    stream = io.BytesIO(data) if data is not None else member.opener()
-    with stream:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True, defer_size=DEFER_BYTES)
-        offset = stream.tell()  # pydicom stops with the stream at the start of the PixelData element
-        element = stream.read(12)
+    ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True, defer_size=DEFER_BYTES)
+    offset = stream.tell()  # pydicom stops with the stream at the start of the PixelData element
+    element = stream.read(12)
     if not claims_dicom and not ds.get("SOPClassUID") and not ds.get("Rows"):
         raise ValueError("no DICOM elements")  # force-parsed junk: not a DICOM file
-    if element[:4] != PIXEL_DATA_TAG:
+    if element[:4] != PIXEL_DATA_TAG or len(element) < 12:
         return ds, None, None
     explicit = element[4:6] in (b"OB", b"OW")
-    (length,) = struct.unpack_from("<I", element, 8 if explicit else 4) if len(element) == 12 else (None,)
+    (length,) = struct.unpack_from("<I", element, 8 if explicit else 4)
     return ds, offset, (None if length == 0xFFFFFFFF else length)
+
+
+def _open(member: Member, keep_data: bool):
+    """The member as a stream, and its whole bytes when ``keep_data`` (and it is not huge)."""
+    try:
+        if keep_data and member.size <= KEEP_DATA_MAX_BYTES:
+            data = member_bytes(member)
+            return io.BytesIO(data), data
+        return member.opener(), None
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unsupported compression.
+        raise InputError(f"cannot read {member.display}: {short(exc)} (corrupted ZIP or file?)") from None
 
 
 def scan_member(member: Member, keep_data: bool = False) -> list[Slice]:
     """The image planes of one member. [] for files that are not DICOM images (README, DICOMDIR,
     reports); InputError for a file that claims to be DICOM (``.dcm`` or the DICM marker) but cannot
     be read. ``keep_data``: read the whole file once and keep it, so the pixels need no second read."""
-    data = None
-    try:
-        if keep_data and member.size <= KEEP_DATA_MAX_BYTES:
-            data = member_bytes(member)
-            head = data[:512]
-        else:
-            with member.opener() as f:
-                head = f.read(512)
-    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as exc:
-        # RuntimeError: an encrypted member; NotImplementedError: an unsupported compression.
-        raise InputError(f"cannot read {member.display}: {short(exc)} (corrupted ZIP or file?)") from None
-    claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or head[128:132] == b"DICM"
-    if not probe(head):
-        if claims_dicom:
-            raise InputError(f"{member.display} is not a DICOM file (no DICM marker, no DICOM elements): corrupted?")
-        return []
-    try:
-        ds, pixel_offset, pixel_length = _parse_header(member, data, claims_dicom)
-        rows, columns = ds.get("Rows"), ds.get("Columns")
-    except Exception as exc:  # noqa: BLE001 - a parser failure of any kind means "not readable"
-        if claims_dicom:
-            raise InputError(f"cannot read DICOM file {member.display}: {short(exc)} (corrupted or truncated?)") from None
-        return []
+    stream, data = _open(member, keep_data)
+    with stream:
+        try:
+            head = stream.read(512)
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputError(f"cannot read {member.display}: {short(exc)} (corrupted ZIP or file?)") from None
+        claims_dicom = member.name.lower().endswith((".dcm", ".dicom")) or head[128:132] == b"DICM"
+        if not probe(head):
+            if claims_dicom:
+                raise InputError(f"{member.display} is not a DICOM file (no DICM marker, no DICOM elements): corrupted?")
+            return []
+        try:
+            stream.seek(0)
+            ds, pixel_offset, pixel_length = _parse_header(stream, claims_dicom)
+            rows, columns = ds.get("Rows"), ds.get("Columns")
+        except Exception as exc:  # noqa: BLE001 - a parser failure of any kind means "not readable"
+            if claims_dicom:
+                raise InputError(f"cannot read DICOM file {member.display}: {short(exc)} (corrupted or truncated?)") from None
+            return []
     if _is_directory(ds):
         return []  # DICOMDIR, Philips DIRFILE: an index, whatever its name
     if rows is None or columns is None:
