@@ -8,7 +8,7 @@ the loss of one batch, the per-epoch validation and the export to the model chec
   alone on one CPU or GPU. Logs, validation and checkpoints on rank 0 only;
 - ``train_state.pt`` every ``checkpoint_every`` steps, written atomically, holding the step,
   model, optimizer, LR schedule, EMA, every rank's RNG states; the data position is the step
-  (samples are a pure function of (seed, epoch, index), see ``datasets.py``), so ``--resume``
+  (samples are a pure function of (seed, epoch, index), see ``crop_data.py``), so ``--resume``
   continues exactly where the run stopped;
 - a loss or gradient that is NaN/inf stops the run with a clear message; the last checkpoint,
   written before it, is kept.
@@ -31,13 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TRAINING_DIR = Path(__file__).resolve().parent
-BACKEND_SRC = TRAINING_DIR.parent / "Backend" / "src"
-if BACKEND_SRC.is_dir() and str(BACKEND_SRC) not in sys.path:
-    sys.path.insert(0, str(BACKEND_SRC))  # a checkout without `pip install`
+from torch.utils.data import DistributedSampler
 
-from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
-from ctsliceinterp.io.atomic import atomic_file  # noqa: E402
+from ctsliceinterp.core.errors import CTSliceInterpError
+from ctsliceinterp.io.atomic import atomic_file
 
 STATE_FILE = "train_state.pt"
 MODEL_DIR = "model"
@@ -252,14 +249,24 @@ class RunLogger:
             self.writer.close()
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way (``start``: samples per rank to skip),
+    so a resumed run continues at its exact data position."""
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 def save_state(path: Path, state: dict[str, Any]) -> None:
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def lr_lambda(warmup: int):
@@ -267,16 +274,7 @@ def lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
-def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool = False, progress: bool = True) -> int:
-    """Train ``task`` to ``train.max_steps``. Returns the process exit code."""
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
-
-    from datasets import ResumableDistributedSampler
-
-    settings = train_settings(config)
-    out = Path(out)
-    state_path = out / STATE_FILE
+def _check_run_folder(out: Path, state_path: Path, resume: bool, runtime: Runtime) -> None:
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
         if state_path.exists() and not resume:
@@ -285,23 +283,27 @@ def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool 
         raise TrainingError(f"--resume: {state_path} does not exist")
     runtime.barrier()
 
-    seed = int(settings["seed"])
-    seed_everything(seed + runtime.rank)
-    model = task.model.to(runtime.device)
-    if settings["grad_checkpointing"]:
-        task.enable_gradient_checkpointing()
-    ema = EMA(model, settings["ema_decay"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(settings["lr"]), betas=tuple(settings["betas"]),
-                                  weight_decay=float(settings["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(settings["warmup_steps"])))
-    step = 0
-    if resume:
+
+class _Optimisation:
+    """Model, optimizer, LR schedule and EMA of one run, saved to and restored from ``train_state.pt``."""
+
+    def __init__(self, task, settings: dict[str, Any], runtime: Runtime):
+        self.model = task.model.to(runtime.device)
+        if settings["grad_checkpointing"]:
+            task.enable_gradient_checkpointing()
+        self.ema = EMA(self.model, settings["ema_decay"])
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=float(settings["lr"]), betas=tuple(settings["betas"]),
+                                           weight_decay=float(settings["weight_decay"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(int(settings["warmup_steps"])))
+
+    def restore(self, state_path: Path, runtime: Runtime, seed: int) -> int:
+        """Load the saved state; returns its step."""
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
         step = int(state["step"])
         rngs = state["rng"]
         if len(rngs) == runtime.world:
@@ -310,9 +312,58 @@ def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool 
             seed_everything(seed + runtime.rank + 7919 * step)
             if runtime.main:
                 print(f"note: resumed with {runtime.world} processes instead of {len(rngs)}: random streams re-seeded", file=sys.stderr)
-        del state
-    train_model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
-        if runtime.distributed else model
+        return step
+
+    def save(self, state_path: Path, step: int, config: dict[str, Any], runtime: Runtime) -> None:
+        rngs = runtime.gather(rng_state())  # every rank takes part in the gather
+        if runtime.main:
+            save_state(state_path, {"step": step, "model": self.model.state_dict(),
+                                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                    "ema": self.ema.state_dict(), "rng": rngs, "config": config,
+                                    "world_size": runtime.world})
+
+    def step(self, task, train_model, batch_data, settings: dict[str, Any], runtime: Runtime, step: int,
+             last_checkpoint: Optional[Path]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """One optimizer step; ``NonFiniteLoss`` when the loss or its gradient is NaN/inf."""
+        with autocast(runtime.device, settings["bf16"]):
+            loss, values = task.loss(train_model, batch_data, runtime.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Agreed across ranks before backward (a rank skipping it would hang DDP's all-reduce).
+        finite = not runtime.any_true(not bool(torch.isfinite(loss.detach()).all()))
+        grad_norm = None
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(settings["grad_clip"]))
+            finite = bool(torch.isfinite(grad_norm))  # gradients are all-reduced: same on every rank
+        if not finite:
+            raise NonFiniteLoss(
+                f"the loss or its gradient became NaN/inf at step {step + 1}: training stopped. The last good "
+                f"checkpoint is {last_checkpoint or '(none yet)'}; lower train.lr, keep train.grad_clip, check the data, "
+                "and continue with --resume"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model, step)
+        return loss, values, grad_norm
+
+
+def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool = False, progress: bool = True) -> int:
+    """Train ``task`` to ``train.max_steps``. Returns the process exit code."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    settings = train_settings(config)
+    out = Path(out)
+    state_path = out / STATE_FILE
+    _check_run_folder(out, state_path, resume, runtime)
+
+    seed = int(settings["seed"])
+    seed_everything(seed + runtime.rank)
+    run = _Optimisation(task, settings, runtime)
+    step = run.restore(state_path, runtime, seed) if resume else 0
+    train_model = DistributedDataParallel(run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None) \
+        if runtime.distributed else run.model
 
     batch = int(settings["batch_size"])
     per_epoch = int(settings["steps_per_epoch"])
@@ -320,13 +371,10 @@ def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool 
     dataset = task.train_dataset
     dataset.length = per_epoch * batch * runtime.world
     sampler = ResumableDistributedSampler(dataset, num_replicas=runtime.world, rank=runtime.rank, shuffle=False)
-    workers = int(settings["num_workers"])
     logger = RunLogger(out, runtime.main)
     if runtime.main:
         logger.log(step, {"config": config, "world_size": runtime.world, "device": str(runtime.device),
                           "resumed": resume}, kind="start")
-    from tqdm import tqdm
-
     bar = tqdm(total=max_steps, initial=step, desc=task.name, unit="step", disable=not (progress and runtime.main),
                dynamic_ncols=True)
     last_checkpoint = state_path if state_path.exists() else None
@@ -337,53 +385,27 @@ def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool 
             dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
             sampler.start = offset * batch
-            loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                                collate_fn=getattr(dataset, "collate", None), generator=torch.Generator(),
+            loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=int(settings["num_workers"]),
+                                drop_last=True, collate_fn=getattr(dataset, "collate", None), generator=torch.Generator(),
                                 pin_memory=runtime.device.type == "cuda", persistent_workers=False)
             train_model.train()
             for batch_data in loader:
-                with autocast(runtime.device, settings["bf16"]):
-                    loss, values = task.loss(train_model, batch_data, runtime.device)
-                optimizer.zero_grad(set_to_none=True)
-                # Agreed across ranks before backward (a rank skipping it would hang DDP's all-reduce).
-                finite = not runtime.any_true(not bool(torch.isfinite(loss.detach()).all()))
-                if finite:
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float(settings["grad_clip"]))
-                    finite = bool(torch.isfinite(grad_norm))  # gradients are all-reduced: same on every rank
-                if not finite:
-                    raise NonFiniteLoss(
-                        f"the loss or its gradient became NaN/inf at step {step + 1}: training stopped. The last good "
-                        f"checkpoint is {last_checkpoint or '(none yet)'}; lower train.lr, keep train.grad_clip, check the data, "
-                        "and continue with --resume"
-                    )
-                optimizer.step()
-                scheduler.step()
-                ema.update(model, step)
+                loss, values, grad_norm = run.step(task, train_model, batch_data, settings, runtime, step, last_checkpoint)
                 step += 1
                 bar.update(1)
                 if step % int(settings["log_every"]) == 0 or step == max_steps:
                     values = {"loss": runtime.mean(float(loss.detach())), "grad_norm": float(grad_norm),
-                              "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                              "lr": run.scheduler.get_last_lr()[0], "epoch": epoch,
                               "steps_per_s": (step - first_step) / max(1e-9, time.perf_counter() - started),
                               **{k: runtime.mean(float(v)) for k, v in values.items()}}
                     logger.log(step, values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if step % int(settings["checkpoint_every"]) == 0 or step == max_steps:
-                    rngs = runtime.gather(rng_state())
-                    if runtime.main:
-                        save_state(state_path, {"step": step, "model": model.state_dict(),
-                                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                "ema": ema.state_dict(), "rng": rngs, "config": config,
-                                                "world_size": runtime.world})
-                        last_checkpoint = state_path
+                    run.save(state_path, step, config, runtime)
+                    last_checkpoint = state_path
                 if step % per_epoch == 0 or step == max_steps:
                     if runtime.main:
-                        metrics = task.validate(ema.model, epoch, out, runtime.device)
-                        logger.log(step, metrics, kind="val")
-                        task.export(ema.model, out / MODEL_DIR, {"step": step, "epoch": epoch, **metrics})
-                        bar.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                                             if isinstance(v, float)))
+                        _validate_and_export(task, run.ema.model, epoch, step, out, runtime, logger, bar)
                     runtime.barrier()
                 if step >= max_steps:
                     break
@@ -396,6 +418,13 @@ def fit(task, config: dict[str, Any], out: Path, runtime: Runtime, resume: bool 
         bar.close()
         logger.close()
     return 0
+
+
+def _validate_and_export(task, model, epoch: int, step: int, out: Path, runtime: Runtime, logger: RunLogger, bar) -> None:
+    metrics = task.validate(model, epoch, out, runtime.device)
+    logger.log(step, metrics, kind="val")
+    task.export(model, out / MODEL_DIR, {"step": step, "epoch": epoch, **metrics})
+    bar.write(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
 
 def run_main(build_task, argv=None, description: str = "") -> int:

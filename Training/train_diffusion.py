@@ -40,7 +40,7 @@ class DiffusionTask:
         from ctsliceinterp.schedulers import training_scheduler
         from ctsliceinterp.models.unet import UNet3D
 
-        from datasets import DepthCropDataset, load_sources
+        from crop_data import DepthCropDataset, load_sources
 
         if not config.get("vae_checkpoint"):
             raise TrainingError("set vae_checkpoint (the VAE run's OUT/model folder) in the config or with --set vae_checkpoint=PATH")

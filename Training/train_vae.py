@@ -76,7 +76,7 @@ class VAETask:
     def __init__(self, config: dict, runtime: loop.Runtime, out: Path):
         from ctsliceinterp.models.vae import SliceVAE
 
-        from datasets import SliceCropDataset, load_sources
+        from crop_data import SliceCropDataset, load_sources
 
         self.model_config = get_config(config.get("model", "tiny"))
         data = config["data"]

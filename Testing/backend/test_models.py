@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ctsliceinterp.schedulers import diffusion_loss, min_snr_weight, sample, sampling_scheduler, snr, training_scheduler
-from ctsliceinterp.models.configs import CONFIGS, PARAMETER_RANGES, ConfigError, ModelConfig, get_config, parameter_counts
+from ctsliceinterp.models.configs import CONFIGS, PARAMETER_RANGES, ConfigError, ModelConfig, get_config
+from ctsliceinterp.models.sizes import parameter_counts
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE, measure_latent_scale, vae_loss
 

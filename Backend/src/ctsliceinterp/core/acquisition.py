@@ -74,7 +74,7 @@ def reaverage(thin: Volume, thick: Geometry, thickness: float) -> Volume:
     """Slab means of ``thin`` centred on the slices of ``thick`` (same in-plane grid)."""
     weights = slab_weights(thin.geometry.slice_positions(), thin.geometry.slice_spacing, thick.slice_positions(), thickness)
     array = apply_along_slices(weights, thin.array)
-    return Volume(array, thick, {**thin.metadata, "slice_thickness": float(thickness)})
+    return thin.derived(array, thick, slice_thickness=float(thickness))
 
 
 def covered_slabs(thin: Geometry, centres: np.ndarray, thickness: float) -> np.ndarray:

@@ -74,8 +74,6 @@ MATRIX_BUILDERS = {
 def interpolation_matrix(method: str, n_in: int, x: np.ndarray) -> np.ndarray:
     """W such that out = W @ in for continuous source indices ``x`` (clamped to [0, n_in-1])."""
     x = np.clip(np.asarray(x, dtype=float), 0.0, n_in - 1.0)
-    if n_in < 2:
-        raise InputError("at least 2 slices are needed to interpolate")
     if method not in MATRIX_BUILDERS:
         raise InputError(f"unknown classical method {method!r}; choose one of {', '.join(MATRIX_BUILDERS)}")
     return MATRIX_BUILDERS[method](n_in, x)
@@ -100,6 +98,4 @@ def interpolate_classical(volume: Volume, target: Geometry, method: str = "bspli
         lo, hi = bounds[c], bounds[c + 1]
         np.matmul(weights[lo:hi], flat, out=out[lo:hi])
         reporter.update("interpolate", c + 1, chunks)
-    metadata = {k: v for k, v in volume.metadata.items() if k != "slice_thickness"}
-    metadata["method"] = method
-    return Volume(out.reshape(target.shape), target, metadata)
+    return volume.derived(out.reshape(target.shape), target, method=method)

@@ -17,13 +17,19 @@ from .volume import Geometry
 DEFAULT_SPACING_MM = 1.0
 
 
+def check_slices(thick: Geometry) -> None:
+    """Interpolation along the slice axis needs at least 2 input slices (the one check, made where
+    the target grid is built: every method gets its target here)."""
+    if thick.shape[0] < 2:
+        raise InputError("the input has a single slice: a 3-D volume with at least 2 slices is needed")
+
+
 def thin_grid(thick: Geometry, spacing: float = DEFAULT_SPACING_MM) -> Geometry:
     """Slices every ``spacing`` mm from the first to the last thick-slice centre."""
     spacing = float(spacing)
     if not (spacing > 0 and math.isfinite(spacing)):
         raise InputError(f"target spacing must be a positive number of mm, got {spacing}")
-    if thick.shape[0] < 2:
-        raise InputError("the input has a single slice: a 3-D volume with at least 2 slices is needed")
+    check_slices(thick)
     if thick.slice_spacing <= spacing * (1 + 1e-3):
         raise InputError(
             f"the input slice spacing ({thick.slice_spacing:g} mm) is already at or below the "
@@ -44,6 +50,7 @@ def like_grid(thick: Geometry, reference: Geometry) -> Geometry:
     The reference must have parallel slices and the same in-plane grid (rows, columns, pixel
     spacing, direction, no in-plane shift); a real thick/thin pair from one scan has that.
     """
+    check_slices(thick)
     if not np.allclose(np.abs(np.dot(thick.normal, reference.normal)), 1.0, atol=1e-4):
         raise GeometryError("the reference slices are not parallel to the input slices")
     if not thick.same_in_plane_grid(reference):

@@ -70,10 +70,6 @@ class Geometry:
         ijk = np.asarray(index_ijk, dtype=float)
         return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.direction_matrix.T
 
-    def physical_to_index(self, points: Any) -> np.ndarray:
-        p = np.asarray(points, dtype=float) - np.asarray(self.origin)
-        return (p @ np.linalg.inv(self.direction_matrix).T) / np.asarray(self.spacing)
-
     def slice_positions(self) -> np.ndarray:
         """Position of each slice centre along the normal, in mm."""
         first = float(np.dot(self.normal, self.origin))
@@ -232,6 +228,13 @@ class Volume:
             geometry=self.geometry if geometry is None else geometry,
             metadata=meta,
         )
+
+    def derived(self, array: np.ndarray, geometry: Geometry, **metadata) -> "Volume":
+        """A volume computed from this one on another grid (an interpolation, its uncertainty).
+        The one rule for its metadata: this volume's (DICOM tags for write-back...) without
+        ``slice_thickness``, which describes this acquisition only, plus ``metadata``."""
+        kept = {key: value for key, value in self.metadata.items() if key != "slice_thickness"}
+        return Volume(array, geometry, {**kept, **metadata})
 
     def check_finite(self) -> None:
         if np.issubdtype(self.array.dtype, np.floating) and not np.all(np.isfinite(self.array)):

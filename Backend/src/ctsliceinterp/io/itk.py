@@ -33,9 +33,7 @@ def volume_from_sitk(image: sitk.Image, metadata: dict | None = None, source: st
     if np.iscomplexobj(array):
         raise InputError(f"{source} has complex voxels: a scalar CT volume is needed")
     geometry = Geometry(array.shape, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    volume = Volume(array, geometry, dict(metadata or {}))
-    volume.check_finite()
-    return volume
+    return Volume(array, geometry, dict(metadata or {}))  # read_volume's validate_ct checks the voxels
 
 
 def volume_to_sitk(volume: Volume, dtype=None) -> sitk.Image:

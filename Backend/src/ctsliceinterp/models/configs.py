@@ -4,7 +4,7 @@ A ``ModelConfig`` fully describes the networks, the intensity window, the diffus
 the inference defaults. It is stored as JSON in every checkpoint (``to_dict`` / ``from_dict``), so
 a checkpoint can always rebuild the exact networks it was trained with.
 
-Run ``python -m ctsliceinterp.models.configs`` to print the parameter counts of each config.
+``python -m ctsliceinterp.models.sizes`` prints the parameter counts of each config.
 """
 
 from __future__ import annotations
@@ -234,26 +234,3 @@ def get_config(name: str) -> ModelConfig:
         return CONFIGS[name]()
     except KeyError:
         raise ConfigError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}") from None
-
-
-def parameter_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts without allocating weights (meta device)."""
-    import torch
-
-    from .unet import UNet3D
-    from .vae import SliceVAE
-
-    with torch.device("meta"):
-        unet = UNet3D(config.unet)
-        vae = SliceVAE(config.vae)
-    return {
-        "unet": sum(p.numel() for p in unet.parameters()),
-        "vae": sum(p.numel() for p in vae.parameters()),
-        "vae_decoder": sum(p.numel() for p in vae.decoder.parameters()),
-    }
-
-
-if __name__ == "__main__":
-    for key in CONFIGS:
-        counts = parameter_counts(get_config(key))
-        print(f"{key:7s} U-Net {counts['unet'] / 1e6:8.2f} M   VAE {counts['vae'] / 1e6:6.2f} M (decoder {counts['vae_decoder'] / 1e6:.2f} M)")

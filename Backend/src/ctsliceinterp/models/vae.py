@@ -9,7 +9,6 @@ measured on data and stored in the checkpoint, never hard-coded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import VAEConfig
-
-
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(channels, groups), channels, eps=1e-6)
+from .layers import group_norm
 
 
 class ResBlock2D(nn.Module):

@@ -236,6 +236,31 @@ class Interpolator:
         """Interpolate ``volume`` (HU) onto ``target`` (same in-plane grid). Returns the HU volume
         and, when ``samples > 1``, the per-voxel standard deviation over the samples."""
         reporter = as_reporter(reporter)
+        steps, sampler = self._check(volume, target, steps, sampler, samples)
+        timings = {"encode": 0.0, "sample": 0.0, "decode": 0.0, "consistency": 0.0, "classical": 0.0}
+        self.last_consistency = []
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            condition, positions, size = self._condition(volume, target, reporter)
+            timings["encode"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            classical = interpolate_classical(volume, target, "bspline").array
+            timings["classical"] += time.perf_counter() - t0
+            moments = RunningMoments()
+            for k in range(samples):
+                moments.add(self._sample_once(volume, target, condition, positions, classical, size, sampler, steps,
+                                              None if seed is None else int(seed) + k, consistency,
+                                              (k, samples), reporter, timings))
+        self.last_timings = timings
+        output = volume.derived(moments.mean, target, method="diffusion", model=self.name, sampler=sampler,
+                                steps=steps, samples=samples)
+        uncertainty = None
+        if samples > 1:
+            uncertainty = output.replace(moments.std(), quantity="standard deviation (HU)")
+        return output, uncertainty
+
+    def _check(self, volume: Volume, target: Geometry, steps, sampler, samples: int) -> tuple[int, str]:
+        """The sampling steps and sampler to use; an error for anything this model cannot do."""
         config, inference = self.config, self.config.inference
         steps = int(steps or inference.steps)
         sampler = sampler or inference.sampler
@@ -245,68 +270,68 @@ class Interpolator:
             raise InputError(f"steps must be between 1 and {config.diffusion.num_train_timesteps}, got {steps}")
         if samples < 1:
             raise InputError(f"samples must be at least 1, got {samples}")
-        if volume.shape[0] < 2:
-            raise InputError("the input has a single slice: at least 2 slices are needed")
         if tuple(target.shape[1:]) != tuple(volume.shape[1:]):
             raise GeometryError("the target grid must share the input's in-plane grid")
-        volume.check_finite()
-        timings = {"encode": 0.0, "sample": 0.0, "decode": 0.0, "consistency": 0.0, "classical": 0.0}
-        self.last_consistency = []
+        return steps, sampler
 
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            normalised, size = _pad_in_plane(normalise(volume.array, config.window), config.pixel_multiple)
-            thick_latents = self.encode(normalised, reporter)
-            x, positions = thin_positions(volume.geometry, target)
-            condition = resample_depth(thick_latents, x)
-            position_tensor = torch.from_numpy(positions)[None].to(self.device)
-            timings["encode"] += time.perf_counter() - t0
+    def _condition(self, volume: Volume, target: Geometry, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Encode the thick slices once: the latent condition on the thin positions, the
+        position channels and the unpadded in-plane size."""
+        normalised, size = _pad_in_plane(normalise(volume.array, self.config.window), self.config.pixel_multiple)
+        thick_latents = self.encode(normalised, reporter)
+        x, positions = thin_positions(volume.geometry, target)
+        condition = resample_depth(thick_latents, x)
+        return condition, torch.from_numpy(positions)[None].to(self.device), size
 
-            t0 = time.perf_counter()
-            classical = interpolate_classical(volume, target, "bspline").array
-            timings["classical"] += time.perf_counter() - t0
+    def _sample_once(self, volume: Volume, target: Geometry, condition, positions, classical: np.ndarray, size,
+                     sampler: str, steps: int, seed: Optional[int], consistency: bool, sample_of: tuple[int, int],
+                     reporter: Reporter, timings: dict[str, float]) -> np.ndarray:
+        """One sample in HU: sample the latents, decode, blend with B-spline outside the model's
+        window, then the consistency correction. ``sample_of``: (k, samples) for progress."""
+        k, samples = sample_of
+        depth = target.shape[0]
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        t0 = time.perf_counter()
+        latents = self.sample_latents(condition, positions, sampler, steps, generator,
+                                      lambda i, n: reporter.update("sample", k * steps + i, samples * steps))
+        timings["sample"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model_hu = self.decode(latents, size, reporter, k * depth, samples * depth)
+        timings["decode"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = blend_with_classical(model_hu, classical, self.config.window)
+        if consistency:
+            inference = self.config.inference
+            result, history = consistency_correction(
+                result, target, volume.array, volume.geometry, volume.slice_thickness,
+                inference.consistency_tolerance_hu, inference.consistency_max_iterations, reporter,
+            )
+            self.last_consistency.append(history)
+        timings["consistency"] += time.perf_counter() - t0
+        return result
 
-            mean = m2 = None
-            depth = target.shape[0]
-            for k in range(samples):
-                generator = torch.Generator()
-                if seed is None:
-                    generator.seed()
-                else:
-                    generator.manual_seed(int(seed) + k)
-                t0 = time.perf_counter()
-                latents = self.sample_latents(
-                    condition, position_tensor, sampler, steps, generator,
-                    lambda i, n, k=k: reporter.update("sample", k * steps + i, samples * steps),
-                )
-                timings["sample"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                model_hu = self.decode(latents, size, reporter, k * depth, samples * depth)
-                timings["decode"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                result = blend_with_classical(model_hu, classical, config.window)
-                if consistency:
-                    result, history = consistency_correction(
-                        result, target, volume.array, volume.geometry, volume.slice_thickness,
-                        inference.consistency_tolerance_hu, inference.consistency_max_iterations, reporter,
-                    )
-                    self.last_consistency.append(history)
-                timings["consistency"] += time.perf_counter() - t0
-                # Welford running mean / variance: K samples never held in memory at once.
-                if mean is None:
-                    mean, m2 = result.astype(np.float32), np.zeros_like(result, dtype=np.float32)
-                else:
-                    delta = result - mean
-                    mean += delta / (k + 1)
-                    m2 += delta * (result - mean)
-        self.last_timings = timings
 
-        metadata = {key: value for key, value in volume.metadata.items() if key != "slice_thickness"}
-        metadata.update(method="diffusion", model=self.name, sampler=sampler, steps=steps, samples=samples)
-        output = Volume(mean, target, metadata)
-        uncertainty = None
-        if samples > 1:
-            std = np.sqrt(m2 / (samples - 1)).astype(np.float32)
-            uncertainty = Volume(std, target, {**metadata, "quantity": "standard deviation (HU)"})
-        return output, uncertainty
+class RunningMoments:
+    """Voxel-wise running mean and variance (Welford): K samples never held in memory at once."""
 
+    def __init__(self):
+        self.count = 0
+        self.mean: Optional[np.ndarray] = None
+        self._m2: Optional[np.ndarray] = None
+
+    def add(self, x: np.ndarray) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean, self._m2 = x.astype(np.float32), np.zeros_like(x, dtype=np.float32)
+            return
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (x - self.mean)
+
+    def std(self) -> np.ndarray:
+        """Sample standard deviation (needs two samples or more)."""
+        return np.sqrt(self._m2 / (self.count - 1)).astype(np.float32)

@@ -10,11 +10,11 @@ paired by physical slice position):
 
 Every sample is a pure function of (seed, epoch, index): ``__getitem__`` seeds its own generator
 with them. So any process, any number of loader workers and a resumed run draw the same samples,
-and the data position of a run is just its step (``ResumableDistributedSampler.start``).
+and the data position of a run is just its step (``loop.ResumableDistributedSampler.start``).
 
-Intensities: HU are windowed and mapped to [-1, 1] by ``pipeline.normalise`` with the model's
+Intensities: HU are windowed and mapped to [-1, 1] by ``pipelines.diffusion.normalise`` with the model's
 window, and the diffusion conditioning (thick latents resampled onto the thin positions, plus
-the position channels) is built with ``pipeline.thin_positions`` / ``pipeline.resample_depth``:
+the position channels) is built with ``pipelines.diffusion.thin_positions`` / ``resample_depth``:
 the same functions as at inference.
 """
 
@@ -28,12 +28,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-import loop  # noqa: F401  (puts Backend/src on sys.path in a checkout)
+from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.models.configs import IntensityWindow
 from ctsliceinterp.pipelines.diffusion import normalise, thin_positions
-from ctsliceinterp.core.volume import Volume
+from loop import TrainingError
 
 AIR_HU = -1000.0
 
@@ -59,8 +59,6 @@ def load_sources(data: dict[str, Any], split: str) -> list[PairSource]:
     from ctsliceinterp.io import read_volume
     from ctsliceinterp.data.preprocess import pair_by_position
 
-    from loop import TrainingError
-
     sources: list[PairSource] = []
     if data.get("cache"):
         split_name = data.get(f"{split}_split", split)
@@ -76,20 +74,6 @@ def load_sources(data: dict[str, Any], split: str) -> list[PairSource]:
     if not sources and split == "train":
         raise TrainingError("no training data: set data.cache (or --cache) and/or data.thin_volumes.train in the config")
     return sources
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way (``start``: samples per rank to skip),
-    so a resumed run continues at its exact data position."""
-
-    start = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
 
 
 def _crop(array, zs: slice, y0: int, x0: int, size: int, pad: float) -> np.ndarray:
