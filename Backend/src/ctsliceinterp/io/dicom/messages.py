@@ -23,7 +23,8 @@ class _Collect(logging.Handler):
 @contextlib.contextmanager
 def pydicom_messages_to_debug() -> Iterator[None]:
     """Collect what pydicom warns or logs inside the block; afterwards log each distinct message once at
-    DEBUG level (with how often it came). Warnings are global in Python: this holds for every thread."""
+    DEBUG level. Python's warnings state is per process: meant for one read or write at a time (the CLI,
+    preprocessing workers), and it covers the block's worker threads too."""
     pydicom_logger = logging.getLogger("pydicom")
     collect = _Collect()
     propagate = pydicom_logger.propagate
@@ -36,13 +37,9 @@ def pydicom_messages_to_debug() -> Iterator[None]:
     finally:
         pydicom_logger.removeHandler(collect)
         pydicom_logger.propagate = propagate
-        counts: dict[str, int] = {}
-        for message in collect.messages + [str(w.message) for w in caught]:
-            counts[message] = counts.get(message, 0) + 1
-        for message, count in counts.items():
-            # pydicom both logs and warns most messages: count each event once.
-            times = f" ({(count + 1) // 2}x)" if count > 2 else ""
-            logger.debug("pydicom: %s%s", message, times)
+        # pydicom both logs and warns most messages: each distinct text once.
+        for message in dict.fromkeys(collect.messages + [str(w.message) for w in caught]):
+            logger.debug("pydicom: %s", message)
 
 
 def short(exc: BaseException) -> str:

@@ -227,7 +227,7 @@ def _resample_axis(image: np.ndarray, offset: float, length: int, axis: int, pad
     return np.where(inside.reshape(shape), values, padding)
 
 
-def detilt(array: np.ndarray, tilt: Tilt, target: Geometry, padding: float) -> np.ndarray:
+def detilt_stack(array: np.ndarray, tilt: Tilt, target: Geometry, padding: float) -> np.ndarray:
     """Resample a sheared stack onto ``target`` (from ``geometry.detilted``): each plane moves within its
     own plane by its drift, bilinear in plane and never across planes, as dcm2niix's ``_Tilt_1``."""
     first_column, _ = detilt_extent(tilt.shift_columns)

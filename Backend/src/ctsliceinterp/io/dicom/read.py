@@ -11,7 +11,7 @@ from ...core.errors import InputError
 from ...core.volume import Volume
 from .geometry import series_geometry
 from .messages import pydicom_messages_to_debug
-from .pixels import check_declared_sizes, check_pixel_kind, detilt, drop_identical_copies, stack_hu, transfer_syntax
+from .pixels import check_declared_sizes, check_pixel_kind, detilt_stack, drop_identical_copies, stack_hu, transfer_syntax
 from .scan import Slice, check_modality, choose_series, scan, scan_member
 from .sources import Member, directory_members, folder_members, is_directory_file, members_of
 
@@ -56,19 +56,19 @@ def _metadata(chosen: list[Slice], series: str | None) -> dict[str, Any]:
     return metadata
 
 
-def _series_volume(chosen: list[Slice], source: str, series: str | None, detilt_tilted: bool = False) -> Volume:
+def _series_volume(chosen: list[Slice], source: str, series: str | None, detilt: bool = False) -> Volume:
     """Check, sort and decode one chosen series into a Volume in HU with its DICOM metadata."""
     check_modality(chosen, source)
     for s in chosen:
         check_pixel_kind(s)
     check_declared_sizes(chosen)  # before any pixel is inflated or read whole
     chosen = drop_identical_copies(chosen)
-    chosen, geometry, tilt = series_geometry(chosen, source, detilt=detilt_tilted)
+    chosen, geometry, tilt = series_geometry(chosen, source, detilt=detilt)
     array = stack_hu(chosen)
     metadata = _metadata(chosen, series)
     if tilt is not None:
         padding = float(array.min())  # what the scanner wrote outside its field of view (air or padding)
-        array = detilt(array, tilt, geometry, padding)
+        array = detilt_stack(array, tilt, geometry, padding)
         metadata.update(gantry_tilt_degrees=tilt.degrees, detilt_padding_hu=padding)
     return Volume(array, geometry, metadata)
 
@@ -99,12 +99,12 @@ def read_dicom(path: str | os.PathLike, series: str | None = None, series_uid: s
 
 
 def _read_series(members: list[Member], kind: str, p: Path, series: str | None, series_uid: str | None,
-                 detilt_tilted: bool) -> Volume:
+                 detilt: bool) -> Volume:
     slices = scan(members)
     if not slices:
         raise InputError(f"no DICOM images found in the {kind} {p} ({len(members)} files looked at)")
     chosen = choose_series(slices, str(p), series, series_uid)
-    return _series_volume(chosen, str(p), series, detilt_tilted)
+    return _series_volume(chosen, str(p), series, detilt)
 
 
 def read_case(path: str | os.PathLike) -> tuple[Volume, Volume]:

@@ -216,9 +216,9 @@ def directory_members(index: Path) -> list[Member]:
             else:
                 files.append(rel)
     if missing:
-        shown = ", ".join(sorted(missing)[:3])
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
         raise InputError(
-            f"the DICOM directory {index} lists {len(missing)} file(s) that are missing ({shown}...): "
+            f"the DICOM directory {index} lists {len(missing)} file(s) that are missing ({shown}): "
             "copy the whole export, or read the folder of the series instead"
         )
     if len(files) > MAX_MEMBERS:
