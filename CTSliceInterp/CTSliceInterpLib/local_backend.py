@@ -31,7 +31,7 @@ from .backend_path import backend_source_dir, ensure_backend_importable
 ensure_backend_importable()
 
 from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
-from ctsliceinterp.serving.client import TOKEN_ENV  # noqa: E402 - the variable the server reads
+from ctsliceinterp.serving.access import TOKEN_ENV  # noqa: E402 - the variable the server reads
 
 from .i18n import tr as _  # noqa: E402
 

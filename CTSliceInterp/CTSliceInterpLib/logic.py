@@ -22,6 +22,7 @@ from ctsliceinterp.api import (  # noqa: E402
     CLASSICAL_METHODS,
     DEFAULT_MODEL,
     DIFFUSION_METHOD,
+    METHODS,
     InterpolationRequest,
 )
 from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
@@ -56,9 +57,6 @@ class Run:
     spacing: float
     show_result: bool = True
     show_uncertainty: bool = True
-    scene: object = None
-    scene_closed: bool = False
-    _close_observer: Optional[int] = None
 
     def poll(self) -> SessionStatus:
         return self.session.poll()
@@ -66,38 +64,30 @@ class Run:
     def cancel(self) -> None:
         self.session.cancel()
 
-    def watch_scene(self) -> None:
-        """Cancel the run when its scene is closed (its nodes go with it)."""
-        if self.scene is None:
-            return
-
-        def closing(caller, event):
-            self.scene_closed = True
-            self.cancel()
-
-        self._close_observer = self.scene.AddObserver(self.scene.StartCloseEvent, closing)
-
-    def unwatch_scene(self) -> None:
-        if self._close_observer is not None:
-            self.scene.RemoveObserver(self._close_observer)
-            self._close_observer = None
-
 
 def job_request(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
                 seed=None) -> InterpolationRequest:
-    """The request for a menu choice: ``method`` is a classical method name, ``"diffusion"``
-    (the server's default model) or the name of one of the server's diffusion models."""
+    """The request for a menu choice: ``method`` is a method of the backend's registry
+    (``bspline``, ``diffusion`` = the server's default diffusion model, ...) or the name of one of
+    the server's diffusion models. Only the options that method takes are sent."""
     choice = (method or DEFAULT_METHOD).strip()
-    if choice.lower() in CLASSICAL_METHODS:
-        return InterpolationRequest(method=choice.lower(), spacing=float(spacing))
-    samples = 1 if samples is None else int(samples)
-    if samples < 1:
-        raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
-    return InterpolationRequest(
-        method=DIFFUSION_METHOD, spacing=float(spacing),
-        model=None if choice.lower() == DIFFUSION_METHOD else choice,
-        steps=int(steps) if steps else None, samples=samples, consistency=bool(consistency),
-        seed=None if seed is None else int(seed))
+    name, model = (choice.lower(), None) if choice.lower() in METHODS else (DIFFUSION_METHOD, choice)
+    entry = METHODS[name]
+    if entry.classical:
+        return InterpolationRequest(method=name, spacing=float(spacing))
+    options = {}
+    if "samples" in entry.options:
+        samples = 1 if samples is None else int(samples)
+        if samples < 1:
+            raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
+        options["samples"] = samples
+    if "steps" in entry.options and steps:
+        options["steps"] = int(steps)
+    if "consistency" in entry.options:
+        options["consistency"] = bool(consistency)
+    if "seed" in entry.options and seed is not None:
+        options["seed"] = int(seed)
+    return InterpolationRequest(method=name, spacing=float(spacing), model=model, **options)
 
 
 def job_parameters(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
@@ -197,12 +187,8 @@ class InterpolationLogic:
         if not server:
             self._check_local_processing()
         where = self.serverTarget(server, token, caFile)
-        session = ProcessingSession(volume, params, where, expected=target)
-        run = Run(session, inputVolume, outputVolume, float(spacing), showResult, showUncertainty,
-                  scene=inputVolume.GetScene())
-        run.watch_scene()
-        session.start()
-        return run
+        session = ProcessingSession(volume, params, where, expected=target).start()
+        return Run(session, inputVolume, outputVolume, float(spacing), showResult, showUncertainty)
 
     @staticmethod
     def _check_local_processing() -> None:
@@ -220,15 +206,15 @@ class InterpolationLogic:
         status = run.poll()
         if not status.finished:
             raise RuntimeError("the run has not finished yet")
-        run.unwatch_scene()
-        if run.scene_closed:
-            raise ProcessingError(_("the scene was closed during the run: nothing was created"))
         if status.state == "cancelled":
             raise ProcessingError(_("cancelled: nothing was created and the input is unchanged"))
         if status.state == "failed":
             raise ProcessingError(status.error or status.message)
+        # The widget cancels a run when the scene closes; a console run, or a node deleted during
+        # the run, is caught here (a Python observer on the scene could outlive it).
         if run.input_node.GetScene() is None:
-            raise ProcessingError(_("the input volume was removed during the run: nothing was created"))
+            raise ProcessingError(_("the input volume was removed (or the scene closed) during the run: nothing "
+                                    "was created"))
         if run.output_node is not None and run.output_node.GetScene() is None:
             raise ProcessingError(_("the output volume was removed during the run: nothing was created"))
         thin, uncertainty = run.session.result
@@ -295,10 +281,12 @@ class InterpolationLogic:
         target.timeout = timeout  # per request; a local backend's start-up has its own limit
         client = target.connect(cancel)
         for model in client.models():
-            if model.get("kind", DIFFUSION_METHOD) == DIFFUSION_METHOD:
-                methods.append((_("{name} (diffusion, {device})").format(name=model["name"],
-                                                                       device=model.get("device", "?")),
-                                model["name"]))
+            method = model.get("method") or model.get("kind") or DIFFUSION_METHOD
+            if method not in METHODS or METHODS[method].classical:
+                continue  # B-spline is listed already; a method this Lib does not know is not offered
+            value = model["name"] if method == DIFFUSION_METHOD else method
+            methods.append((_("{name} ({method}, {device})").format(name=model["name"], method=method,
+                                                                    device=model.get("device", "?")), value))
         return methods
 
     def showUncertainty(self, outputVolume, visible: bool = True) -> bool:

@@ -241,3 +241,18 @@ def test_the_self_tests_in_process_classical_path(scene):
     testing.check_output_geometry(source, output, 1.0)
     testing.check_output_values_bspline(source, output)
     testing.check_layout(scene, source, output)
+
+
+def test_job_parameters_follow_the_method_registry():
+    """Each learned method gets the options its registry entry takes, and nothing else."""
+    from ctsliceinterp.api import METHODS, InterpolationRequest
+
+    for name, entry in METHODS.items():
+        request = InterpolationRequest.from_params(logic.job_parameters(name, 1.0, steps=3, samples=2, seed=5))
+        assert request.method == name
+        if entry.classical:
+            assert (request.steps, request.samples, request.seed) == (None, 1, None)
+        else:
+            assert (request.steps == 3) == ("steps" in entry.options)
+            assert (request.samples == 2) == ("samples" in entry.options)
+            assert (request.seed == 5) == ("seed" in entry.options)
