@@ -179,8 +179,9 @@ def test_tilted_and_irregular_names_both_problems(tmp_path):
         read_volume(tmp_path / "s")
 
 
-@pytest.mark.parametrize("degrees, direction", [(15.0, None), (-20.0, None), (12.0, "oblique")])
-def test_detilt_resamples_onto_the_true_normal_exactly_for_linear_hu(tmp_path, degrees, direction):
+@pytest.mark.parametrize("degrees, direction, along", [(15.0, None, "column"), (-20.0, None, "column"),
+                                                      (12.0, "oblique", "column"), (10.0, "oblique", "row")])
+def test_detilt_resamples_onto_the_true_normal_exactly_for_linear_hu(tmp_path, degrees, direction, along):
     """A sheared series of HU that are a linear function of position: after de-tilting, every voxel
     holds that function at its own LPS point (linear interpolation is exact there), the grid is
     orthogonal, the in-plane spacing is kept and the slice spacing is measured along the normal."""
@@ -188,7 +189,8 @@ def test_detilt_resamples_onto_the_true_normal_exactly_for_linear_hu(tmp_path, d
     d = np.asarray(oblique_direction(10) if direction else np.eye(3).ravel(), float).reshape(3, 3)
     row, col = d[:, 0], d[:, 1]
     normal = np.cross(row, col)
-    tilt_axis = np.cos(np.deg2rad(degrees)) * normal + np.sin(np.deg2rad(degrees)) * col  # the gantry's table axis
+    drift_axis = col if along == "column" else row  # gantries tilt about x, so slices drift along the columns
+    tilt_axis = np.cos(np.deg2rad(degrees)) * normal + np.sin(np.deg2rad(degrees)) * drift_axis  # the table's axis
     origin = np.array([-10.0, 20.0, 100.0])
 
     def hu_at(points):
@@ -212,8 +214,11 @@ def test_detilt_resamples_onto_the_true_normal_exactly_for_linear_hu(tmp_path, d
     g = volume.geometry
     np.testing.assert_allclose(g.direction_matrix, np.column_stack([row, col, normal]), atol=1e-6)
     np.testing.assert_allclose(g.spacing, (0.7, 0.8, 3.0 * np.cos(np.deg2rad(degrees))), atol=1e-6)
-    shift = 3.0 * np.sin(np.deg2rad(degrees)) * (shape[0] - 1) / 0.8  # rows the slices drift in all
-    assert g.shape[1] == shape[1] + int(np.ceil(abs(shift) - 1e-6))
+    pixel = spacing[1] if along == "column" else spacing[0]
+    shift = 3.0 * np.sin(np.deg2rad(degrees)) * (shape[0] - 1) / pixel  # pixels the slices drift in all
+    widened = (1, int(np.ceil(abs(shift) - 1e-6))) if along == "column" else (2, int(np.ceil(abs(shift) - 1e-6)))
+    assert g.shape[widened[0]] == shape[widened[0]] + widened[1]
+    assert g.shape[3 - widened[0]] == shape[3 - widened[0]]
     k, j, i = np.meshgrid(*[np.arange(n) for n in g.shape], indexing="ij")
     points = g.index_to_physical(np.stack([i, j, k], axis=-1))  # (z, y, x, 3) LPS
     # Where each voxel falls in its acquired slice (rows, columns): exact inside, the edge pixel within
