@@ -9,7 +9,7 @@ Each sample is a random run of ``depth`` thin slices (padded and masked when a c
 on a random in-plane crop. The thin slices are VAE-encoded as the target; the thick slices are
 encoded and resampled onto the thin positions with the pipeline's own conditioning functions
 (``thin_positions``, ``resample_depth``), so training and inference condition identically. The
-loss is the min-SNR-weighted v/eps MSE, masked on padded slices (``diffusion.diffusion_loss``).
+loss is the min-SNR-weighted v/eps MSE, masked on padded slices (``diffusion_loss.py``).
 ``data.precompute_latents`` encodes every case once into ``OUT/latents`` and crops latents.
 
 Every epoch: the validation loss (fixed crops and noise), a PNG (thick | model | thin) of the
@@ -37,7 +37,7 @@ class DiffusionTask:
 
     def __init__(self, config: dict, runtime: loop.Runtime, out: Path):
         from ctsliceinterp.pipelines.checkpoint import load_checkpoint
-        from ctsliceinterp.schedulers import training_scheduler
+        from diffusion_loss import training_scheduler
         from ctsliceinterp.models.unet import UNet3D
 
         from crop_data import DepthCropDataset, load_sources
@@ -145,7 +145,7 @@ class DiffusionTask:
         return target, condition, batch["positions"].to(self.device), batch["mask"].to(self.device)
 
     def loss(self, model, batch: dict, device, generator=None):
-        from ctsliceinterp.schedulers import diffusion_loss
+        from diffusion_loss import diffusion_loss
 
         target, condition, positions, mask = self._inputs(batch)
         loss = diffusion_loss(model, target, condition, positions, self.scheduler, self.model_config.diffusion,
