@@ -16,7 +16,8 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-# The request contract and the method registry (numpy only: no torch, no scipy).
+# The request contract and the method registry (numpy only: no torch, no scipy). CLASSICAL_METHODS
+# is also the widget's (it imports it from here).
 from ctsliceinterp.api import (  # noqa: E402
     CLASSICAL_FALLBACK,
     CLASSICAL_METHODS,
