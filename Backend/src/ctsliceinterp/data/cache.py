@@ -53,15 +53,6 @@ class CacheError(CTSliceInterpError):
     """A cache folder or case is missing, incomplete or of another format version."""
 
 
-def geometry_to_dict(geometry: Geometry) -> dict[str, Any]:
-    return {"shape": list(geometry.shape), "spacing": list(geometry.spacing), "origin": list(geometry.origin),
-            "direction": list(geometry.direction)}
-
-
-def geometry_from_dict(data: dict[str, Any]) -> Geometry:
-    return Geometry(tuple(data["shape"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
-
-
 def to_int16_hu(array: np.ndarray, what: str) -> tuple[np.ndarray, float]:
     """HU as int16. Fractional HU (slab means, resampled volumes) are rounded (error <= 0.5 HU,
     returned); values outside the int16 range are an error, never clipped."""
@@ -100,9 +91,9 @@ def write_case(folder: str | os.PathLike, thick: Volume, thin: Volume, info: dic
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **info,
-        "thick": {"geometry": geometry_to_dict(thick.geometry), "slice_thickness_mm": thick.slice_thickness,
+        "thick": {"geometry": thick.geometry.to_dict(), "slice_thickness_mm": thick.slice_thickness,
                   "rounding_error_hu": thick_rounding},
-        "thin": {"geometry": geometry_to_dict(thin.geometry), "slice_thickness_mm": thin.slice_thickness,
+        "thin": {"geometry": thin.geometry.to_dict(), "slice_thickness_mm": thin.slice_thickness,
                  "rounding_error_hu": thin_rounding},
         "dtype": "int16",
         "units": "HU",
@@ -236,7 +227,7 @@ class CachedCase:
         return np.load(self.folder / f"{which}.npy", mmap_mode="r" if mmap else None)
 
     def geometry(self, which: str) -> Geometry:
-        return geometry_from_dict(self.manifest[which]["geometry"])
+        return Geometry.from_dict(self.manifest[which]["geometry"], f"the cached {which} geometry")
 
     def volume(self, which: str, mmap: bool = True) -> Volume:
         meta = {"slice_thickness": self.manifest[which]["slice_thickness_mm"], "case": self.key}
@@ -341,9 +332,3 @@ def open_split(cache: str | os.PathLike, split: str) -> list[CachedCase]:
         cases.append(CachedCase.open(folder))
     return cases
 
-
-def cache_manifest(cache: str | os.PathLike) -> Optional[dict[str, Any]]:
-    try:
-        return json.loads((Path(cache) / CACHE_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None

@@ -12,10 +12,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ..io.atomic import atomic_file
 from ..core.volume import Volume
-
-SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width (HU)
+from ..io.atomic import atomic_file
+from .metrics import SOFT_TISSUE_WINDOW, window_bounds
 
 
 def _views(volume: Volume, position: float, row: int, col: int):
@@ -48,7 +47,7 @@ def comparison_figure(
     lo = max(v.geometry.slice_positions()[0] for v in volumes.values())
     hi = min(v.geometry.slice_positions()[-1] for v in volumes.values())
     centre = (lo + hi) / 2 if hi >= lo else float(np.mean(first.geometry.slice_positions()))
-    vmin, vmax = window[0] - window[1] / 2, window[0] + window[1] / 2
+    vmin, vmax = window_bounds(window)
     rows = 3 + (1 if errors_against else 0)
     fig, axes = plt.subplots(rows, len(names), figsize=(3.2 * len(names), 3.2 * rows), squeeze=False)
     reference = volumes.get(errors_against) if errors_against else None
@@ -158,7 +157,7 @@ def evaluation_figures(
     zlo, zhi = z[0] - reference.spacing[2] / 2, z[-1] + reference.spacing[2] / 2
     sx, sy = reference.spacing[:2]
     panels = {"input (thick)": thick, **outputs, "reference (thin)": reference}
-    vmin, vmax = window[0] - window[1] / 2, window[0] + window[1] / 2
+    vmin, vmax = window_bounds(window)
     written = []
     for view in VIEWS:
         if view == "axial":

@@ -56,9 +56,14 @@ def to_unit_range(hu: np.ndarray, low: float = PROTOCOL_HU_RANGE[0], high: float
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def window_to_unit_range(hu: np.ndarray, window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> np.ndarray:
+def window_bounds(window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> tuple[float, float]:
+    """(low, high) HU of a (centre, width) display window."""
     centre, width = window
-    return to_unit_range(hu, centre - width / 2, centre + width / 2)
+    return centre - width / 2, centre + width / 2
+
+
+def window_to_unit_range(hu: np.ndarray, window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> np.ndarray:
+    return to_unit_range(hu, *window_bounds(window))
 
 
 def psnr(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None, peak: float = 1.0) -> float:
