@@ -151,3 +151,27 @@ def test_shipped_network_beats_bspline_on_a_held_out_chest():
     gain = psnr(to_unit_range(output), to_unit_range(truth)) - psnr(to_unit_range(bspline), to_unit_range(truth))
     print(f"gain over B-spline {gain:.2f} dB")
     assert gain > 0.5, gain
+
+
+def test_classical_methods_get_the_consistency_correction_only_when_asked():
+    from ctsliceinterp.api import InterpolationRequest, interpolate
+    from ctsliceinterp.core.acquisition import consistency_mae
+
+    rng = np.random.default_rng(2)
+    volume = _oblique_volume(rng.normal(0, 300, (6, 16, 16)).astype(np.float32))
+    plain = interpolate(volume, InterpolationRequest(method="bspline")).volume
+    np.testing.assert_array_equal(plain.array, interpolate_classical(volume, plain.geometry, "bspline").array)
+    corrected = interpolate(volume, InterpolationRequest(method="bspline", consistency=True)).volume
+    assert consistency_mae(volume, plain, 5.0) > 5.0
+    assert consistency_mae(volume, corrected, 5.0) <= 1.0
+    assert corrected.geometry == plain.geometry
+
+
+def test_the_request_says_consistency_only_when_it_was_chosen():
+    from ctsliceinterp.api import InterpolationRequest
+
+    assert "consistency" not in InterpolationRequest(method="regression").to_params()
+    for value in (True, False):
+        params = InterpolationRequest(method="bspline", consistency=value).to_params()
+        assert InterpolationRequest.from_params(params).consistency is value
+    assert InterpolationRequest.from_params({"method": "bspline"}).consistency is None

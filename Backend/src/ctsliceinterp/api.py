@@ -130,7 +130,9 @@ class InterpolationRequest:
     steps: Optional[int] = None
     sampler: Optional[str] = None
     samples: int = 1
-    consistency: bool = True
+    # Thick-slice consistency correction; None: the method's default (on for learned methods, off
+    # for the classical ones, so that their names keep meaning the textbook operators).
+    consistency: Optional[bool] = None
     seed: Optional[int] = None
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # keyword options for the model's load (compile=True)
@@ -146,8 +148,12 @@ class InterpolationRequest:
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
         params["samples"] = int(self.samples)
-        params["consistency"] = bool(self.consistency)
+        if self.consistency is not None:
+            params["consistency"] = bool(self.consistency)
         return params
+
+    def wants_consistency(self, method: "Method") -> bool:
+        return (not method.classical) if self.consistency is None else bool(self.consistency)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], device: str = "auto", default_method: str = DEFAULT_METHOD) -> "InterpolationRequest":
@@ -161,11 +167,12 @@ class InterpolationRequest:
         spacing = params.get("spacing", DEFAULT_SPACING_MM)
         if spacing is None:
             spacing = DEFAULT_SPACING_MM
-        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or spacing <= 0:
+        # A comparison, not math.isfinite: an integer like 10**400 would overflow the float conversion.
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing < 1e6:
             raise InputError(f"spacing must be a positive number of mm, got {spacing!r}")
         target = params.get("target")
-        consistency = params.get("consistency", True)
-        if not isinstance(consistency, bool):
+        consistency = params.get("consistency")
+        if consistency is not None and not isinstance(consistency, bool):
             raise InputError(f"consistency must be true or false, got {consistency!r}")
         return cls(
             method=method,
@@ -245,10 +252,19 @@ def interpolate(
     if method.classical:
         from .core.classical import interpolate_classical  # scipy loads only when needed
 
-        result = InterpolationResult(interpolate_classical(volume, target, method.name, reporter))
+        output = interpolate_classical(volume, target, method.name, reporter)
+        if request.wants_consistency(method):
+            from .core.acquisition import consistency_correction
+
+            corrected, _ = consistency_correction(output.array, target, volume.array, volume.geometry,
+                                                  volume.slice_thickness, reporter=reporter)
+            output = Volume(corrected, target, {**output.metadata, "consistency": True})
+        result = InterpolationResult(output)
     else:
         model = interpolator or load_model(method.name, request.model, request.device, **request.extra)
         options = {key: getattr(request, key) for key in method.options}
+        if "consistency" in options:
+            options["consistency"] = request.wants_consistency(method)
         output = model.run(volume, target, reporter=reporter, **options)
         result = InterpolationResult(*output) if isinstance(output, tuple) else InterpolationResult(output)
     result.seconds = time.perf_counter() - start

@@ -23,7 +23,9 @@ def configure_parser(parser) -> None:
                         help="with --thickness: distance between simulated thick-slice centres (default: the thickness, contiguous slabs)")
     parser.add_argument("--thin-series", choices=["thick", "thin"], help="series of a case ZIP/folder to read for --thin (default: thin when --thin and --thick are the same case)")
     parser.add_argument("--thick-series", choices=["thick", "thin"], help="series of a case ZIP/folder to read for --thick (default: thick when --thin and --thick are the same case)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default {DEFAULT_METHODS})")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated methods (default {DEFAULT_METHODS}); a name ending in +consistency "
+                             "(or -consistency) forces the thick-slice consistency correction on (off)")
     parser.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
     parser.add_argument("--report", metavar="DIR", help="write axial/coronal/sagittal PNG figures and summary.md into DIR")
     parser.add_argument("--name", help="case name for the report (default: the reference file name)")
@@ -52,7 +54,9 @@ def main(args) -> int:
         raise InputError("give --thin REF and --thick REAL_THICK or --thickness MM (or --cache CACHE --split test)")
     if args.crop is not None:
         raise InputError("--crop applies to --cache only")
-    unknown = [m for m in methods if m not in available_methods()]
+    from ..evaluation.evaluate import parse_method_label
+
+    unknown = [m for m in methods if parse_method_label(m)[0] not in available_methods()]
     if not methods or unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(available_methods())}")
     if args.spacing is not None and args.thick:
@@ -78,7 +82,7 @@ def main(args) -> int:
     del reference
 
     options = {"device": args.device, "seed": args.seed}
-    if DIFFUSION_METHOD in methods:
+    if any(parse_method_label(m)[0] == DIFFUSION_METHOD for m in methods):
         options.update(model=args.model, steps=args.steps, sampler=args.sampler)
     progress = TqdmProgress(enabled=not args.no_progress)
     try:
@@ -122,14 +126,16 @@ def _main_cache(args, methods: list[str]) -> int:
         raise InputError("--cache needs --report DIR for the report (JSON, CSV, figures, summary.md)")
     if args.model and DIFFUSION_METHOD not in methods and args.methods == DEFAULT_METHODS:
         methods.append(DIFFUSION_METHOD)  # --model given: the model runs beside the classical baselines
-    unknown = [m for m in methods if m not in available_methods()]
+    from ..evaluation.evaluate import parse_method_label
+
+    unknown = [m for m in methods if parse_method_label(m)[0] not in available_methods()]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available_methods())}")
     if args.crop is not None and args.crop < 16:
         raise InputError(f"--crop must be at least 16 pixels, got {args.crop}")
     report_dir = check_output_path(Path(args.report), [args.cache])
     options = {"device": args.device, "seed": args.seed}
-    if DIFFUSION_METHOD in methods:
+    if any(parse_method_label(m)[0] == DIFFUSION_METHOD for m in methods):
         options.update(model=args.model, steps=args.steps, sampler=args.sampler)
     command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     progress = TqdmProgress(enabled=not args.no_progress)

@@ -24,7 +24,12 @@ def configure_parser(parser) -> None:
     model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
     model.add_argument("--samples", type=int, default=1, help="samples to average; >1 also gives an uncertainty map")
     model.add_argument("--uncertainty", metavar="PATH", help="write the per-voxel standard deviation (needs --samples > 1)")
-    model.add_argument("--no-consistency", action="store_true", help="skip the thick-slice consistency correction")
+    agree = parser.add_mutually_exclusive_group()
+    agree.add_argument("--consistency", dest="consistency", action="store_const", const=True, default=None,
+                       help="correct the output until re-averaging it gives the thick slices back (default for the "
+                            "learned methods; a classical method gets it only when asked)")
+    agree.add_argument("--no-consistency", dest="consistency", action="store_const", const=False,
+                       help="skip the thick-slice consistency correction")
     model.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     remote = parser.add_argument_group("remote server")
     remote.add_argument("--server", metavar="URL", help="run on a CTSliceInterp server (e.g. https://gpu-host:8000)")
@@ -55,7 +60,7 @@ def build_request(args, reference_geometry=None):
         steps=args.steps,
         sampler=args.sampler,
         samples=args.samples,
-        consistency=not args.no_consistency,
+        consistency=args.consistency,
         seed=args.seed,
         device=args.device,
     )

@@ -157,6 +157,17 @@ def simulated_case(reference: Volume, thickness: float, spacing: Optional[float]
 
 
 # --- running ---------------------------------------------------------------------------------
+CONSISTENCY_SUFFIXES = {"+consistency": True, "-consistency": False}
+
+
+def parse_method_label(label: str) -> tuple[str, dict[str, Any]]:
+    """``bspline+consistency`` -> ("bspline", {"consistency": True}); a plain name has no variant."""
+    for suffix, value in CONSISTENCY_SUFFIXES.items():
+        if label.endswith(suffix):
+            return label[: -len(suffix)], {"consistency": value}
+    return label, {}
+
+
 def evaluate_methods(
     case: EvaluationCase,
     methods: Iterable[str],
@@ -175,7 +186,8 @@ def evaluate_methods(
     if case.kind == "real pair":
         evaluation.reference_consistency_mae_hu = consistency_mae(case.thick, case.reference, case.thickness)
     for method in methods:
-        request = InterpolationRequest(method=method, target=case.reference.geometry, **dict(options or {}))
+        name, variant = parse_method_label(method)
+        request = InterpolationRequest(method=name, target=case.reference.geometry, **{**dict(options or {}), **variant})
         result = interpolate(case.thick, request, progress=progress, interpolator=interpolator)
         output = result.volume
         if output.shape != case.reference.shape or not np.allclose(
