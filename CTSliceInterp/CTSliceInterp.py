@@ -31,13 +31,13 @@ from CTSliceInterpLib import installer, layout, nodes, testing
 from CTSliceInterpLib.local_backend import LocalBackend, stop_shared_local_backend
 from CTSliceInterpLib.logic import (
     CLASSICAL_FALLBACK,
-    CLASSICAL_METHODS,
     DEFAULT_METHOD,
     InputError,
     InterpolationLogic,
     UNCERTAINTY_REFERENCE,
     ProcessingError,
     classical_choice,
+    method_options,
 )
 from CTSliceInterpLib.session import describe_error
 
@@ -202,11 +202,12 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         remote = self.ui.remoteRadioButton.checked
         self.ui.remoteSettingsWidget.setVisible(remote)
-        diffusion = self._currentMethod() not in CLASSICAL_METHODS
-        for widget in (self.ui.stepsSpinBox, self.ui.samplesSpinBox, self.ui.consistencyCheckBox):
-            widget.enabled = diffusion and self._run is None
+        options = method_options(self._currentMethod())  # what the chosen method takes (registry)
+        for widget, option in ((self.ui.stepsSpinBox, "steps"), (self.ui.samplesSpinBox, "samples"),
+                               (self.ui.consistencyCheckBox, "consistency")):
+            widget.enabled = option in options and self._run is None
         # Also after a run, for the result on screen.
-        self.ui.showUncertaintyCheckBox.enabled = diffusion or self._lastOutputHasUncertainty()
+        self.ui.showUncertaintyCheckBox.enabled = "samples" in options or self._lastOutputHasUncertainty()
         if self._installing:
             self.ui.applyButton.text = _("Installing...")
             self.ui.applyButton.toolTip = _("The local backend is being installed.")

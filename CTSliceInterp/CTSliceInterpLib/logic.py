@@ -16,11 +16,9 @@ from .backend_path import ensure_backend_importable
 
 ensure_backend_importable()
 
-# The request contract and the method registry (numpy only: no torch, no scipy). CLASSICAL_METHODS
-# is also the widget's (it imports it from here).
+# The request contract and the method registry (numpy only: no torch, no scipy).
 from ctsliceinterp.api import (  # noqa: E402
     CLASSICAL_FALLBACK,
-    CLASSICAL_METHODS,
     DEFAULT_MODEL,
     DIFFUSION_METHOD,
     METHODS,
@@ -64,6 +62,12 @@ class Run:
 
     def cancel(self) -> None:
         self.session.cancel()
+
+
+def method_options(method: str) -> tuple:
+    """The request options a menu choice takes (from the registry): the widget enables those."""
+    choice = (method or DEFAULT_METHOD).strip().lower()
+    return METHODS[choice if choice in METHODS else DIFFUSION_METHOD].options
 
 
 def job_request(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,

@@ -256,3 +256,9 @@ def test_job_parameters_follow_the_method_registry():
             assert (request.steps == 3) == ("steps" in entry.options)
             assert (request.samples == 2) == ("samples" in entry.options)
             assert (request.seed == 5) == ("seed" in entry.options)
+
+
+def test_the_widget_enables_the_options_the_method_takes():
+    assert logic.method_options("bspline") == ()
+    assert {"steps", "samples", "consistency"} <= set(logic.method_options("tiny"))  # a diffusion model
+    assert set(logic.method_options("diffusion")) == set(logic.method_options("default"))
