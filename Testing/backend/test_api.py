@@ -72,3 +72,16 @@ def test_api_imports_neither_torch_nor_scipy():
     code = "import sys, ctsliceinterp.api; print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_package_exports_the_public_api_on_first_use():
+    code = ("import sys, ctsliceinterp; heavy = [m for m in ('torch', 'scipy', 'SimpleITK') if m in sys.modules]; "
+            "from ctsliceinterp import InterpolationRequest, Volume, interpolate, read_volume, write_volume; "
+            "from ctsliceinterp.api import interpolate as entry; from ctsliceinterp.io import read_volume as reader; "
+            "print(heavy, interpolate is entry, read_volume is reader, Volume.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True", "True", "ctsliceinterp.core.volume"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        import ctsliceinterp
+
+        ctsliceinterp.nothing
