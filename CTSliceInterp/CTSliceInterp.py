@@ -163,7 +163,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        # The run's nodes go with the scene: the Lib cancels the run (it watches the scene too).
+        # The run's nodes go with the scene: cancel it (finish() would refuse its result anyway).
         if self._run is not None:
             self._run.cancel()
         self._lastOutput = None
@@ -410,7 +410,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if server:
             self._rememberServer(server)
         count = len(methods) - 1
-        self._log(_("{count} diffusion model(s) available.").format(count=count))
+        self._log(_("{count} learned model(s) available.").format(count=count))
 
     # --- run -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
