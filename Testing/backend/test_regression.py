@@ -175,3 +175,33 @@ def test_the_request_says_consistency_only_when_it_was_chosen():
         params = InterpolationRequest(method="bspline", consistency=value).to_params()
         assert InterpolationRequest.from_params(params).consistency is value
     assert InterpolationRequest.from_params({"method": "bspline"}).consistency is None
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO_ROOT / "Training" / "train_regression.py"), "--config",
+           str(REPO_ROOT / "Training" / "configs" / "regression.yaml"), "--out", str(out), "--device", "cpu",
+           "--set", f"data={_small_dataset_settings(24)}", "--set", "model.widths=[8, 8, 8]",
+           "--set", "train.batch_size=2", "--set", "train.steps_per_epoch=2", "--set", "train.val_items=2",
+           "--max-steps", "4", "--no-progress"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["world_size"] == 2
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["rng"]) == 2
+
+
+def test_k8s_manifest_runs_the_regression_script_with_torchrun_on_the_pvc():
+    import yaml
+
+    k8s = REPO_ROOT / "Training" / "k8s"
+    claim = yaml.safe_load((k8s / "pvc.yaml").read_text())["metadata"]["name"]
+    pod = yaml.safe_load((k8s / "train-regression.yaml").read_text())["spec"]["template"]["spec"]
+    command = " ".join(pod["containers"][0]["args"])
+    assert "torchrun" in command and "Training/train_regression.py" in command and "--resume" in command
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
