@@ -5,7 +5,6 @@ Testing/conftest.py, whose helpers they also import)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,18 +19,15 @@ class RunningServer:
         import uvicorn
 
         from ctsliceinterp.serving.server import create_app
+        from ctsliceinterp.serving.server.runner import listening_socket, uvicorn_config
 
         self.config = config
         self.app = create_app(config)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock = listening_socket("127.0.0.1", port)  # as `serve` binds it (TCP_NODELAY)
         self.port = self.sock.getsockname()[1]
         scheme = "https" if ssl_certfile else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=2)
-        )
+        self.server = uvicorn.Server(uvicorn_config(self.app, config, ssl_certfile, ssl_keyfile, log_level="warning", keep_alive=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from testsupport import oblique_direction
 from ctsliceinterp.core.errors import InputError
-from ctsliceinterp.serving.nrrd_bytes import geometry_from_dict, geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_bytes
+from ctsliceinterp.core.volume import Geometry
+from ctsliceinterp.serving.nrrd_bytes import volume_from_nrrd_bytes, volume_to_nrrd_bytes
 from ctsliceinterp.core.volume import Volume
 
 
@@ -129,7 +130,7 @@ def test_malformed_headers_are_refused_with_the_problem_named(data, words):
 
 def test_geometry_dict_round_trip_and_validation(make_volume):
     geometry = make_volume(direction=oblique_direction(15)).geometry
-    assert geometry_from_dict(geometry_to_dict(geometry)) == geometry
+    assert Geometry.from_dict(geometry.to_dict()) == geometry
     for bad, words in [
         ({"shape": [1, 2], "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": list(np.eye(3).ravel())}, "shape"),
         ({"shape": [2, 2, 2], "spacing": [1, -1, 1], "origin": [0, 0, 0], "direction": list(np.eye(3).ravel())}, "spacing"),
@@ -138,7 +139,7 @@ def test_geometry_dict_round_trip_and_validation(make_volume):
         ([1, 2, 3], "object"),
     ]:
         with pytest.raises(InputError, match=words):
-            geometry_from_dict(bad)
+            Geometry.from_dict(bad)
 
 
 VALID = header() + raw()

@@ -29,7 +29,7 @@ from ctsliceinterp.serving.client import (
     interpolate_remote,
 )
 from ctsliceinterp.core.errors import Cancelled
-from ctsliceinterp.serving.nrrd_bytes import geometry_to_dict, volume_to_nrrd_bytes
+from ctsliceinterp.serving.nrrd_bytes import volume_to_nrrd_bytes
 from ctsliceinterp.api import InterpolationRequest, interpolate
 from ctsliceinterp.core.volume import Geometry
 from live_server import TOKEN, self_signed_certificate, shared_server, start_server  # noqa: F401 - fixtures
@@ -447,7 +447,7 @@ def test_geometry_dict_accepts_geometry_objects(shared_server, make_volume):
     target = Geometry((5, 8, 8), thick.spacing[:2] + (2.5,), thick.origin, thick.direction)
     thin, _ = Client(shared_server.url).run(thick, {"method": "linear", "target": target}, poll_interval=0.1)
     assert thin.geometry.shape == (5, 8, 8)
-    assert geometry_to_dict(thin.geometry)["shape"] == [5, 8, 8]
+    assert thin.geometry.to_dict()["shape"] == [5, 8, 8]
 
 
 # --- fuzzing the endpoint (a short run; benchmarks/bench_server.py runs a longer one) ----------

@@ -25,6 +25,10 @@ from ..core.volume import Geometry, Volume
 
 MAGIC = re.compile(rb"^NRRD000[1-5]$")
 MAX_HEADER_BYTES = 64 * 1024
+INFLATE_CHUNK = 4 * 1024 * 1024
+# gzip data declaring less than this is never refused for its ratio (a small all-zero test
+# volume may compress 100-fold; a bomb has to be large to matter).
+GZIP_RATIO_FLOOR = 16 * 1024 * 1024
 # NRRD type names (all spellings in the NRRD spec) -> numpy dtype name.
 _TYPES = {
     "int8": "i1", "signed char": "i1", "int8_t": "i1",
@@ -181,21 +185,29 @@ def _require_finite(values, what: str) -> None:
         raise InputError(f"NRRD {what} must be finite numbers")
 
 
-def volume_from_nrrd_bytes(data: bytes, max_voxels: int | None = None) -> Volume:
+class VolumeTooLarge(InputError):
+    """The header declares more voxels or bytes than the caller allows (checked before anything
+    is inflated or allocated)."""
+
+
+def volume_from_nrrd_bytes(data: bytes, max_voxels: int | None = None, max_bytes: int | None = None,
+                           max_gzip_ratio: float | None = None) -> Volume:
     """Parse an attached NRRD (raw or gzip) into a Volume with its LPS geometry.
 
     Raises ``InputError`` naming the problem for anything malformed: dimension other than 3,
-    unsupported type or encoding, non-positive spacing, more than ``max_voxels`` voxels,
-    truncated or extra data."""
+    unsupported type or encoding, non-positive spacing, truncated or extra data; and
+    ``VolumeTooLarge`` for more than ``max_voxels`` voxels or ``max_bytes`` bytes of voxel data,
+    or gzip data that would inflate more than ``max_gzip_ratio`` times (a decompression bomb).
+    gzip data is inflated into one buffer of the declared size, never more."""
     try:
-        return _volume_from_nrrd_bytes(data, max_voxels)
+        return _volume_from_nrrd_bytes(data, max_voxels, max_bytes, max_gzip_ratio)
     except CTSliceInterpError:
         raise
     except (ValueError, OverflowError, TypeError, MemoryError) as exc:  # last line of defence: never a 500
         raise InputError(f"the NRRD data cannot be read: {exc}") from None
 
 
-def _volume_from_nrrd_bytes(data, max_voxels: int | None) -> Volume:
+def _volume_from_nrrd_bytes(data, max_voxels: int | None, max_bytes: int | None, max_gzip_ratio: float | None) -> Volume:
     if isinstance(data, np.ndarray):  # a receive buffer (uint8): the volume shares its memory
         data = memoryview(data.reshape(-1)).cast("B")
     if isinstance(data, memoryview):
@@ -218,7 +230,7 @@ def _volume_from_nrrd_bytes(data, max_voxels: int | None) -> Volume:
         raise InputError(f"NRRD sizes must be 3 positive integers, got {fields.get('sizes', 'none')!r}")
     n_voxels = sizes[0] * sizes[1] * sizes[2]
     if max_voxels is not None and n_voxels > max_voxels:
-        raise InputError(f"the volume has {n_voxels} voxels, more than this server's limit of {max_voxels}")
+        raise VolumeTooLarge(f"the volume has {n_voxels} voxels, more than the limit of {max_voxels}")
     if "data file" in fields or "datafile" in fields:
         raise InputError("detached NRRD (data file) is not supported: send an attached .nrrd")
     if fields.get("byte skip", "0") not in ("0",) or fields.get("line skip", "0") not in ("0",):
@@ -236,7 +248,14 @@ def _volume_from_nrrd_bytes(data, max_voxels: int | None) -> Volume:
 
     spacing, direction, origin = _parse_geometry(fields)
     expected = n_voxels * dtype.itemsize
+    if max_bytes is not None and expected > max_bytes:
+        raise VolumeTooLarge(f"the volume declares {expected / 2**20:.0f} MiB of {type_name} voxels, more than the limit of {max_bytes / 2**20:.0f} MiB")
     payload = memoryview(data)[offset:]
+    if encoding != "raw" and max_gzip_ratio is not None and expected > GZIP_RATIO_FLOOR and expected > max_gzip_ratio * max(1, len(payload)):
+        raise VolumeTooLarge(
+            f"the gzip data ({len(payload)} bytes) declares {expected / 2**20:.0f} MiB: it would inflate more than "
+            f"{max_gzip_ratio:g} times, which no CT does (a decompression bomb?)"
+        )
     if encoding == "raw":
         if len(payload) < expected:
             raise InputError(f"the NRRD data is truncated: {len(payload)} bytes of {expected} expected")
@@ -336,53 +355,25 @@ def _thickness(fields: dict[str, str]) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _gunzip(payload: memoryview, expected: int) -> bytes:
-    """Inflate at most ``expected`` bytes (a bound against gzip bombs); the stream must end there."""
+def _gunzip(payload: memoryview, expected: int) -> memoryview:
+    """Inflate exactly ``expected`` bytes into one buffer (a bound against gzip bombs: nothing
+    beyond the declared size is ever produced, and no second copy is made); the stream must end there."""
     inflater = zlib.decompressobj(47)  # 32 + 15: gzip or zlib header, detected
+    out = memoryview(np.empty(expected, dtype=np.uint8))
+    filled, tail = 0, payload
     try:
-        out = inflater.decompress(payload, expected)
-        extra = inflater.decompress(inflater.unconsumed_tail, 1) if inflater.unconsumed_tail else b""
+        while filled < expected:
+            piece = inflater.decompress(tail, min(INFLATE_CHUNK, expected - filled))
+            if not piece:
+                break
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            tail = inflater.unconsumed_tail
+        extra = inflater.decompress(tail, 1) if tail else b""
     except zlib.error as exc:
         raise InputError(f"the NRRD gzip data is corrupted: {exc}") from None
-    if len(out) < expected:
-        raise InputError(f"the NRRD gzip data is truncated: {len(out)} bytes of {expected} expected")
+    if filled < expected:
+        raise InputError(f"the NRRD gzip data is truncated: {filled} bytes of {expected} expected")
     if extra:
         raise InputError("the NRRD gzip data holds more voxels than its header describes")
     return out
-
-
-# --- geometry as JSON (target grids in job parameters) -----------------------------------------
-def geometry_to_dict(geometry: Geometry) -> dict:
-    return {
-        "shape": list(geometry.shape),
-        "spacing": list(geometry.spacing),
-        "origin": list(geometry.origin),
-        "direction": list(geometry.direction),
-    }
-
-
-def geometry_from_dict(value: Any) -> Geometry:
-    if not isinstance(value, dict):
-        raise InputError("target must be an object with shape, spacing, origin and direction")
-    missing = [k for k in ("shape", "spacing", "origin", "direction") if k not in value]
-    if missing:
-        raise InputError(f"target is missing {', '.join(missing)}")
-    unknown = sorted(set(value) - {"shape", "spacing", "origin", "direction"})
-    if unknown:
-        raise InputError(f"target has unknown fields: {', '.join(unknown)}")
-    try:
-        shape = [int(v) for v in value["shape"]] if all(isinstance(v, int) and not isinstance(v, bool) for v in value["shape"]) else None
-        numbers = [[float(v) for v in value[k]] for k in ("spacing", "origin", "direction")]
-    except (TypeError, ValueError):
-        raise InputError("target shape, spacing, origin and direction must be lists of numbers") from None
-    if shape is None or len(shape) != 3 or any(n < 1 for n in shape):
-        raise InputError("target shape must be 3 positive integers (nz, ny, nx)")
-    spacing, origin, direction = numbers
-    if len(spacing) != 3 or len(origin) != 3 or len(direction) != 9:
-        raise InputError("target spacing and origin need 3 numbers, direction 9")
-    if not all(math.isfinite(v) for v in spacing + origin + direction):
-        raise InputError("target geometry must be finite numbers")
-    try:
-        return Geometry(tuple(shape), tuple(spacing), tuple(origin), tuple(direction))
-    except CTSliceInterpError as exc:
-        raise InputError(f"invalid target geometry: {exc}") from None

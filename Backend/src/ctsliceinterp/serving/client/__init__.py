@@ -14,7 +14,7 @@ local, and ``interpolate_remote`` puts them back on the result).
 - ``remote``: ``interpolate_remote``, the command line's entry
 """
 
-from ..access import TOKEN_ENV, is_loopback, read_token
+from ..access import TOKEN_ENV, InsecureTokenFile, is_loopback, read_token
 from .calls import API, PARAMS_HEADER, Client, check_result_grid, expected_grid
 from .errors import (
     AuthenticationFailed,
@@ -27,10 +27,10 @@ from .errors import (
     ServerUnreachable,
 )
 from .progress import JobProgress
-from .remote import interpolate_remote, request_params
+from .remote import interpolate_remote
 
 __all__ = [
-    "API", "PARAMS_HEADER", "TOKEN_ENV", "AuthenticationFailed", "Client", "ClientError", "InputRejected",
+    "API", "PARAMS_HEADER", "TOKEN_ENV", "AuthenticationFailed", "InsecureTokenFile", "Client", "ClientError", "InputRejected",
     "JobCancelled", "JobFailed", "JobNotFound", "JobProgress", "ServerBusy", "ServerUnreachable",
-    "check_result_grid", "expected_grid", "interpolate_remote", "is_loopback", "read_token", "request_params",
+    "check_result_grid", "expected_grid", "interpolate_remote", "is_loopback", "read_token",
 ]

@@ -20,7 +20,7 @@ from ...core.errors import CTSliceInterpError
 from ...core.grid import DEFAULT_SPACING_MM, like_grid, thin_grid
 from ...core.volume import Geometry, Volume
 from ..access import TOKEN_ENV, is_loopback
-from ..nrrd_bytes import MAX_HEADER_BYTES, geometry_from_dict, geometry_to_dict, volume_from_nrrd_bytes, volume_to_nrrd_parts
+from ..nrrd_bytes import MAX_HEADER_BYTES, volume_from_nrrd_bytes, volume_to_nrrd_parts
 from .errors import (
     AuthenticationFailed,
     ClientError,
@@ -246,7 +246,7 @@ def expected_grid(volume: Volume, params: Optional[dict]) -> Geometry:
     params = params or {}
     target = params.get("target")
     if isinstance(target, dict):
-        target = geometry_from_dict(target)
+        target = Geometry.from_dict(target, "target")
     try:
         if target is not None:
             return like_grid(volume.geometry, target)
@@ -271,7 +271,7 @@ def check_result_grid(volume: Volume, expected: Geometry, part: str = "volume") 
 def _wire_params(params: Optional[dict]) -> dict:
     params = dict(params or {})
     if isinstance(params.get("target"), Geometry):
-        params["target"] = geometry_to_dict(params["target"])
+        params["target"] = params["target"].to_dict()
     return params
 
 

@@ -5,26 +5,9 @@ a local run."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from ..access import read_token
-from ..nrrd_bytes import geometry_to_dict
 from .calls import Client
-
-
-def request_params(request) -> dict:
-    """Job parameters from an ``api.InterpolationRequest`` (only what the server accepts)."""
-    params: dict[str, Any] = {"spacing": request.spacing}
-    if request.method:  # empty: the server's own default (its model, or B-spline)
-        params["method"] = request.method
-    if request.target is not None:
-        params["target"] = geometry_to_dict(request.target)
-    for key in ("model", "steps", "sampler", "seed"):
-        if getattr(request, key, None) is not None:
-            params[key] = getattr(request, key)
-    params["samples"] = int(request.samples)
-    params["consistency"] = bool(request.consistency)
-    return params
 
 
 def interpolate_remote(url, volume, request, token_file=None, token=None, progress=None, cancel=None, **client_options):
@@ -37,7 +20,7 @@ def interpolate_remote(url, volume, request, token_file=None, token=None, progre
 
     client = Client(url, token=token or read_token(token_file), **client_options)
     start = time.perf_counter()
-    thin, uncertainty = client.run(volume, request_params(request), progress=progress, cancel=cancel)
+    thin, uncertainty = client.run(volume, request.to_params(), progress=progress, cancel=cancel)
     local = {k: v for k, v in volume.metadata.items() if k != "slice_thickness"}
     thin = thin.replace(**{**local, **thin.metadata})
     if uncertainty is not None:

@@ -3,30 +3,23 @@
 The registry knows the models the operator named with ``--model`` (a name or a checkpoint
 folder). Clients choose among those by name only, so a request can never make the server load
 an arbitrary path. A model loads on first use (or at start-up with ``preload``) through
-``ctsliceinterp.pipelines.diffusion.Interpolator.load(path_or_name, device)`` and then stays in memory.
+``api.load_model`` (the diffusion pipeline's ``Interpolator.load``) and then stays in memory.
 When the pipeline module (or torch) is not there, the server still starts and serves the
 classical methods; diffusion requests get a clear 4xx instead.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ...api import CLASSICAL_METHODS
+from ...api import CLASSICAL_METHODS, DIFFUSION_METHOD, METHODS, load_model
 from ...core.errors import InputError
 
 log = logging.getLogger("ctsliceinterp.serving.server")
-
-CLASSICAL_DESCRIPTIONS = {
-    "linear": "linear interpolation along the slice axis (classical baseline)",
-    "bspline": "cubic B-spline interpolation along the slice axis (classical baseline)",
-    "lanczos": "Lanczos-3 windowed-sinc interpolation along the slice axis (classical baseline)",
-}
 
 
 def model_name(spec: str) -> str:
@@ -37,7 +30,7 @@ def model_name(spec: str) -> str:
 
 def pipeline_available() -> bool:
     try:
-        return importlib.util.find_spec("ctsliceinterp.pipelines.diffusion") is not None
+        return importlib.util.find_spec(METHODS[DIFFUSION_METHOD].pipeline.partition(":")[0]) is not None
     except (ImportError, ValueError):
         return False
 
@@ -95,8 +88,7 @@ class ModelRegistry:
             if name not in self._loaded:
                 log.info("loading model %s on %s", name, self.device)
                 try:
-                    pipeline = importlib.import_module("ctsliceinterp.pipelines.diffusion")
-                    self._loaded[name] = pipeline.Interpolator.load(self.specs[name], self.device)
+                    self._loaded[name] = load_model(DIFFUSION_METHOD, self.specs[name], self.device)
                 except Exception as exc:  # noqa: BLE001 - reported to clients, server keeps serving
                     self._errors[name] = f"{type(exc).__name__}: {exc}"
                     log.error("model %s failed to load: %s", name, self._errors[name])
@@ -118,7 +110,7 @@ class ModelRegistry:
     # --- listing --------------------------------------------------------------------------
     def describe(self) -> list[dict]:
         entries = [
-            {"name": method, "description": CLASSICAL_DESCRIPTIONS.get(method, method), "default_steps": None,
+            {"name": method, "description": METHODS[method].description, "default_steps": None,
              "device": "cpu", "kind": "classical", "method": method, "loaded": True}
             for method in CLASSICAL_METHODS
         ]
@@ -126,11 +118,11 @@ class ModelRegistry:
             model = self._loaded.get(name)
             entry = {
                 "name": name,
-                "description": str(getattr(model, "description", "") or f"latent diffusion model {name}"),
-                "default_steps": _int_or_none(getattr(model, "default_steps", None)),
+                "description": f"{METHODS[DIFFUSION_METHOD].description} (model {name})",
+                "default_steps": model.config.inference.steps if model is not None else None,
                 "device": self.device if pipeline_available() else None,
                 "kind": "diffusion",
-                "method": "diffusion",
+                "method": DIFFUSION_METHOD,
                 "loaded": model is not None,
             }
             if name in self._errors:
@@ -139,10 +131,3 @@ class ModelRegistry:
                 entry["error"] = "the diffusion pipeline is not installed on this server"
             entries.append(entry)
         return entries
-
-
-def _int_or_none(value) -> Optional[int]:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None

@@ -18,36 +18,59 @@ class UploadTooLarge(Exception):
 
 
 class UploadStalled(Exception):
-    pass
+    """The body stopped arriving, or arrives below the minimum rate; the message says which."""
 
 
-async def read_body(request: Request, limit: int, idle_timeout: float) -> bytearray:
+class UploadPace:
+    """When an upload must have made progress: no gap longer than ``idle_timeout`` s, and after
+    ``grace`` s at least ``min_rate`` bytes/s on average since it began. One deadline covers
+    both, so a slow-loris sending a byte now and then cannot keep a slot."""
+
+    def __init__(self, idle_timeout: float, min_rate: float, grace: float, now: float):
+        self.idle_timeout, self.min_rate, self.grace, self.start = idle_timeout, min_rate, grace, now
+        self.received = 0
+
+    def deadline(self, now: float) -> float:
+        paced = self.start + max(self.grace, self.received / self.min_rate) if self.min_rate > 0 else float("inf")
+        return min(now + self.idle_timeout, paced)
+
+    def problem(self, now: float) -> str:
+        elapsed = now - self.start
+        if self.min_rate > 0 and elapsed >= self.grace and self.received < self.min_rate * elapsed * 0.999:
+            return (f"the upload is too slow: {self.received} bytes in {elapsed:.0f} s, below this server's minimum "
+                    f"of {self.min_rate / 1024:g} KiB/s")
+        return f"the upload stalled for {self.idle_timeout:g} s"
+
+
+async def read_body(request: Request, limit: int, pace: UploadPace) -> bytearray:
     """The whole body, or ``UploadTooLarge`` as soon as it passes ``limit`` bytes,
-    ``UploadStalled`` when no data arrives for ``idle_timeout`` s, ``ClientDisconnect``."""
+    ``UploadStalled`` when it falls behind ``pace``, ``ClientDisconnect``."""
     body = bytearray()
     chunks = request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
     if hasattr(asyncio, "timeout"):  # Python >= 3.11: one timer, moved on at every chunk
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(idle_timeout) as watchdog:
+            async with asyncio.timeout(pace.deadline(loop.time()) - loop.time()) as watchdog:
                 async for chunk in chunks:
                     if len(body) + len(chunk) > limit:
                         raise UploadTooLarge()
                     body += chunk
-                    watchdog.reschedule(loop.time() + idle_timeout)
+                    pace.received = len(body)
+                    watchdog.reschedule(pace.deadline(loop.time()))
         except TimeoutError:
-            raise UploadStalled() from None
+            raise UploadStalled(pace.problem(loop.time())) from None
         return body
     while True:  # Python 3.10: a timeout per chunk (wait_for runs each in a task: slower)
         try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout)
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, pace.deadline(loop.time()) - loop.time()))
         except StopAsyncIteration:
             return body
         except asyncio.TimeoutError:
-            raise UploadStalled() from None
+            raise UploadStalled(pace.problem(loop.time())) from None
         if len(body) + len(chunk) > limit:
             raise UploadTooLarge()
         body += chunk
+        pace.received = len(body)
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,200})"?', re.IGNORECASE)

@@ -1,0 +1,153 @@
+"""An upload becomes a job: the body read within the limits, the parameters and the volume
+checked, the target grid and the result's size known, all before anything is queued.
+
+Order matters for a hostile client: the cheap checks (length, queue, content type) come before
+a byte of the body is read; the body is read and parsed inside one of the few upload slots (so
+memory is bounded by the slots); a declared size is checked before anything is inflated or
+allocated. Every refusal is an ``ApiError`` with the status and a message naming the problem."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+from ...api import CLASSICAL_FALLBACK, DIFFUSION_METHOD, InterpolationRequest, target_geometry
+from ...core.errors import CTSliceInterpError, InputError
+from ...core.volume import Geometry, Volume
+from ...io.validate import label_map_reason
+from ..nrrd_bytes import VolumeTooLarge, volume_from_nrrd_bytes
+from .errors import ApiError
+from .params import parse_params
+from .state import ServerState
+from .upload import UploadPace, UploadStalled, UploadTooLarge, content_length, read_body, split_multipart
+
+PARAMS_HEADER = "x-ctsliceinterp-params"
+NRRD_TYPES = ("application/x-nrrd", "application/octet-stream", "application/nrrd")
+
+
+class ClientGone(Exception):
+    """The client disconnected mid-upload: nothing was kept, and nobody listens for an answer."""
+
+
+@dataclass
+class Intake:
+    volume: Volume
+    request: InterpolationRequest
+    target: Geometry
+
+
+async def receive_job(request: Request, state: ServerState) -> Intake:
+    config = state.config
+    try:
+        declared = content_length(request)
+    except CTSliceInterpError as exc:
+        raise ApiError(400, str(exc)) from None
+    if declared is not None and declared > config.max_upload_bytes:
+        raise ApiError(413, _too_large(config.max_upload_bytes), {"Connection": "close"})
+    retry_after = state.manager.queue_full()
+    if retry_after is not None:
+        # No "Connection: close": uvicorn then reads and drops the rest of the body, so the answer
+        # reaches a client still sending it (one that asked Expect: 100-continue sends none).
+        raise ApiError(503, "the job queue is full; retry later", {"Retry-After": str(retry_after)})
+    content_type = request.headers.get("content-type", "application/octet-stream")  # the boundary is case-sensitive
+    multipart = content_type.lower().startswith("multipart/form-data")
+    if not multipart and content_type.split(";")[0].strip().lower() not in NRRD_TYPES:
+        raise ApiError(415, f"unsupported Content-Type {content_type[:60]!r}: send NRRD bytes (application/x-nrrd) or multipart/form-data")
+    async with state.uploads:  # reading and parsing: the memory of an upload is held only here
+        body = await _read(request, state)
+        try:
+            data, params_text = _split(body, content_type, multipart, request)
+            del body
+            job_request = _job_request(params_text, state)
+            volume = await run_in_threadpool(_parse_volume, data, state)
+            del data
+            target = _target(volume, job_request, config.max_output_voxels)
+        except VolumeTooLarge as exc:
+            raise ApiError(413, str(exc)) from None
+        except CTSliceInterpError as exc:
+            raise ApiError(400, str(exc)) from None
+    return Intake(volume, job_request, target)
+
+
+async def _read(request: Request, state: ServerState) -> bytearray:
+    config = state.config
+    pace = UploadPace(config.upload_idle_timeout_seconds, config.upload_min_rate_bytes, config.upload_rate_grace_seconds,
+                      asyncio.get_running_loop().time())
+    try:
+        return await read_body(request, config.max_upload_bytes, pace)
+    except UploadTooLarge:
+        raise ApiError(413, _too_large(config.max_upload_bytes), {"Connection": "close"}) from None
+    except UploadStalled as exc:
+        raise ApiError(408, str(exc), {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+def _split(body, content_type: str, multipart: bool, request: Request):
+    if not multipart:
+        return body, request.headers.get(PARAMS_HEADER) or request.query_params.get("params")
+    parts = split_multipart(body, content_type)
+    if "volume" not in parts:
+        raise InputError("multipart upload without a 'volume' part (the NRRD file)")
+    return parts["volume"], parts.get("params")
+
+
+def _job_request(params_text, state: ServerState) -> InterpolationRequest:
+    default_method = DIFFUSION_METHOD if state.registry.default_name() else CLASSICAL_FALLBACK
+    job_request = InterpolationRequest.from_params(parse_params(params_text), state.registry.device, default_method)
+    if job_request.target is not None:  # before the grid is built: its size alone may be refused
+        _check_output_size(job_request.target.shape, job_request.samples, state.config.max_output_voxels)
+    if job_request.method == DIFFUSION_METHOD:
+        job_request.model = state.registry.check(job_request.model)
+    return job_request
+
+
+def _parse_volume(data, state: ServerState) -> Volume:
+    config = state.config
+    volume = volume_from_nrrd_bytes(data, config.max_input_voxels, config.max_input_bytes, config.max_gzip_ratio)
+    if volume.shape[0] < 2:
+        raise InputError("the volume has a single slice: at least 2 slices are needed")
+    # As the command line's readers do. 8-bit voxels cannot hold HU at all; a constant volume (a
+    # blank test phantom) holds no labels and goes through.
+    reason = "8-bit voxels cannot hold HU" if volume.array.dtype.itemsize == 1 else None
+    if reason is None and volume.array.min() != volume.array.max():
+        reason = label_map_reason(volume)
+    if reason:
+        raise InputError(f"the volume looks like a label map ({reason}): a CT in HU is needed")
+    return volume
+
+
+def _target(volume: Volume, job_request: InterpolationRequest, max_output_voxels: int) -> Geometry:
+    target = target_geometry(volume, job_request)
+    _check_output_size(target.shape, job_request.samples, max_output_voxels)
+    if job_request.target is not None:
+        check_overlap(volume.geometry, target)
+    return target
+
+
+def _check_output_size(shape, samples: int, limit: int) -> None:
+    voxels = shape[0] * shape[1] * shape[2] * samples
+    if voxels > limit:
+        raise VolumeTooLarge(f"the result would have {voxels} voxels, more than this server's limit of {limit}")
+
+
+def check_overlap(thick: Geometry, target: Geometry) -> None:
+    """Refuse a target grid whose slices all lie outside the slabs the input covers (each thick
+    slice covers half its spacing on either side): there, every output slice would be a copy of
+    an end slice."""
+    half = thick.slice_spacing / 2
+    low, high = float(thick.slice_positions()[0]) - half, float(thick.slice_positions()[-1]) + half
+    first = float(target.slice_positions()[0])
+    last = first + (target.shape[0] - 1) * target.spacing[2]
+    if last < low or first > high:
+        raise InputError(
+            f"the target slices ({first:.1f} to {last:.1f} mm along the slice normal) do not overlap the input "
+            f"({low:.1f} to {high:.1f} mm): choose a reference grid from the same scan"
+        )
+
+
+def _too_large(limit: int) -> str:
+    return f"the upload is larger than this server's limit of {limit // (1024 * 1024)} MiB"
