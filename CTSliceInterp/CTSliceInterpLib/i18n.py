@@ -26,20 +26,20 @@ def tr(text: str) -> str:
     if _translator is not None:
         return _translator(_context(caller), text)
     try:
-        import slicer.i18n
         from slicer import app
+        from slicer.i18n import getContext, translate
     except ImportError:
         return text
     if app is None:
         return text
-    return slicer.i18n.translate(slicer.i18n.getContext(caller), text)
+    return translate(getContext(caller), text)
 
 
 def _context(source_file: str) -> str:
     try:
-        import slicer.i18n
+        from slicer.i18n import getContext
 
-        return slicer.i18n.getContext(source_file)
+        return getContext(source_file)
     except ImportError:
         from pathlib import Path
 
