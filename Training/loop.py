@@ -97,6 +97,7 @@ TRAIN_DEFAULTS = {
     "seed": 0, "batch_size": 8, "lr": 2e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "warmup_steps": 100,
     "max_steps": 1000, "steps_per_epoch": 200, "ema_decay": 0.999, "grad_clip": 1.0, "grad_checkpointing": False,
     "bf16": True, "checkpoint_every": 200, "log_every": 10, "val_items": 16, "num_workers": 2,
+    "decay_start": None, "decay_steps": 1000, "final_lr_ratio": 0.05,
 }
 
 
@@ -269,9 +270,19 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def lr_lambda(warmup: int):
-    # Linear warm-up then constant: does not depend on max_steps, so a run can be extended.
-    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+def lr_lambda(warmup: int, decay_start: Optional[int] = None, decay_steps: int = 1000, final_ratio: float = 0.05):
+    """Linear warm-up, then constant; from ``decay_start`` (if set) a cosine down to ``final_ratio``
+    over ``decay_steps``. Not tied to max_steps, so a run can be extended, then annealed: the
+    schedule is rebuilt from the config on ``--resume`` (LambdaLR saves no lambdas)."""
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / max(1, warmup))
+        if decay_start is None or step < decay_start:
+            return ramp
+        progress = min(1.0, (step - decay_start) / max(1, decay_steps))
+        return ramp * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return factor
 
 
 def _check_run_folder(out: Path, state_path: Path, resume: bool, runtime: Runtime) -> None:
@@ -295,7 +306,8 @@ class _Optimisation:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=float(settings["lr"]), betas=tuple(settings["betas"]),
                                            weight_decay=float(settings["weight_decay"]))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(int(settings["warmup_steps"])))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            int(settings["warmup_steps"]), settings["decay_start"], int(settings["decay_steps"]), float(settings["final_lr_ratio"])))
 
     def restore(self, state_path: Path, runtime: Runtime, seed: int) -> int:
         """Load the saved state; returns its step."""

@@ -126,7 +126,12 @@ def test_training_script_runs_resumes_and_exports(tmp_path):
             "--set", "train.batch_size=2", "--set", "train.steps_per_epoch=3", "--set", "train.checkpoint_every=3",
             "--set", "train.val_items=4", "--set", "train.warmup_steps=1", "--no-progress"]
     assert train_regression.main(args + ["--max-steps", "3"]) == 0
-    assert train_regression.main(args + ["--max-steps", "6", "--resume"]) == 0
+    # Extended, then annealed: the schedule comes from the config of the resumed run.
+    annealed = ["--set", "train.decay_start=4", "--set", "train.decay_steps=2", "--set", "train.log_every=1"]
+    assert train_regression.main(args + annealed + ["--max-steps", "6", "--resume"]) == 0
+    lrs = [r["lr"] for r in map(__import__("json").loads, (out / "log.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert lrs[-3:] == pytest.approx([5e-4, 5e-4 * 0.525, 5e-4 * 0.05])
     loaded = RegressionInterpolator.load(out / "model", device="cpu")
     assert loaded.config.widths == (8, 8, 8)
     info = __import__("json").loads((out / "model" / "regression.json").read_text())["info"]
