@@ -229,3 +229,33 @@ def test_a_removed_input_or_output_gets_no_result(scene, interp):
     with pytest.raises(logic.ProcessingError, match="output volume was removed"):
         interp.finish(run)
     assert _scene_node_ids(scene) == before
+
+
+def test_cancel_during_the_upload_stops_it(scene, interp, monkeypatch):
+    """A cancel while the volume goes up stops the upload (between 1 MiB slices), not after it."""
+    import http.client
+
+    source = testing.add_synthetic_thick_node(scene, shape=(24, 256, 256), spacing=(0.8, 0.8, 5.0))
+    before = _scene_node_ids(scene)
+    runs, sent = [], []
+    send = http.client.HTTPConnection.send
+
+    def send_and_cancel(self, data):
+        deadline = time.monotonic() + 10
+        while not runs and time.monotonic() < deadline:  # the worker may start before start() returns
+            time.sleep(0.01)
+        sent.append(len(data))
+        if sum(sent) > 2**20:
+            runs[0].cancel()  # the user clicks Cancel once 1 MiB has gone out
+        return send(self, data)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "send", send_and_cancel)
+    runs.append(interp.start(source, spacing=2.5, method="linear"))
+    status = runs[0].session.wait(timeout=60)
+    monkeypatch.undo()
+    assert status.state == "cancelled", status
+    volume_bytes = 24 * 256 * 256 * 2
+    assert sum(sent) < volume_bytes / 2, f"{sum(sent)} of {volume_bytes} bytes were sent after the cancel"
+    with pytest.raises(logic.ProcessingError, match="cancelled"):
+        interp.finish(runs[0])
+    assert _scene_node_ids(scene) == before

@@ -73,14 +73,15 @@ class Client:
     def models(self) -> list[dict]:
         return self._json("GET", f"{API}/models")["models"]
 
-    def submit(self, volume: Volume, params: Optional[dict] = None) -> str:
+    def submit(self, volume: Volume, params: Optional[dict] = None, cancel: Optional[threading.Event] = None) -> str:
         """Upload ``volume`` with job ``params`` (method, spacing, target, model, steps, sampler,
-        samples, consistency, seed); returns the job id. ``target`` may be a ``Geometry``."""
+        samples, consistency, seed); returns the job id. ``target`` may be a ``Geometry``.
+        ``cancel``: set during the upload, it stops it (``JobCancelled``; no job is made)."""
         params = _wire_params(params)
         body = list(volume_to_nrrd_parts(volume, gzip=self.compress))
         headers = {"Content-Type": "application/x-nrrd", PARAMS_HEADER: json.dumps(params, separators=(",", ":"))}
         try:
-            response = self.transport.request("POST", f"{API}/jobs", body=body, headers=headers)
+            response = self.transport.request("POST", f"{API}/jobs", body=body, headers=headers, cancel=cancel)
         except ServerUnreachable:
             self._explain_upload_failure(sum(memoryview(part).nbytes for part in body))
             raise
@@ -170,7 +171,7 @@ class Client:
             _check_cancel(cancel)
             report(JobProgress("upload", 0, 0, state="uploading", message=f"sending the volume to {self.url}"))
             try:
-                return self.submit(volume, params)
+                return self.submit(volume, params, cancel)
             except ServerBusy as busy:
                 if time.monotonic() + busy.retry_after > ends:
                     raise

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...core.errors import InputError
-from .errors import ClientError, ServerUnreachable
+from .errors import ClientError, JobCancelled, ServerUnreachable
 
 USER_AGENT = "ctsliceinterp-client"
 # Bodies at least this large are read into a numpy buffer: numpy asks the kernel for huge
@@ -137,12 +137,15 @@ class Transport:
         retries: Optional[int] = None,
         max_body: int = SMALL_BODY_LIMIT,
         expected_bytes: int = EXPECTED_JSON,
+        cancel: Optional[threading.Event] = None,
     ) -> Response:
         """One request, retried with backoff when the connection fails. A POST is retried only
         when the server cannot have received all of it (so a job is never submitted twice).
         ``body``: buffers sent one after the other (a NRRD header, then a view of the voxels: no
         copy). ``max_body``: the largest answer accepted for a 2xx (``BodyTooLarge`` above).
-        ``expected_bytes``: the answer's likely size, which the deadline allows for."""
+        ``expected_bytes``: the answer's likely size, which the deadline allows for. ``cancel``:
+        set, it stops an upload between two ``SEND_CHUNK`` slices (``JobCancelled``; the server
+        drops a body cut short)."""
         timeout = self.timeout if timeout is None else timeout
         sent_bytes = 0
         if body is not None:
@@ -159,7 +162,7 @@ class Transport:
             conn = self._connection(timeout)
             watchdog = _Watchdog(conn, deadline)
             try:
-                return self._attempt(conn, method, self.prefix + path, body, self._headers(headers), max_body)
+                return self._attempt(conn, method, self.prefix + path, body, self._headers(headers), max_body, cancel)
             except _AfterUpload as exc:  # the whole body went out: the job may exist, never resend
                 cause = _deadline_error(deadline) if watchdog.expired else exc.__cause__
                 raise ServerUnreachable(f"no answer from {self.url} to the upload: {_describe(cause)}") from None
@@ -171,7 +174,8 @@ class Transport:
         what = f"the upload to {self.url} failed" if body is not None else f"cannot reach the CTSliceInterp server at {self.url}"
         raise ServerUnreachable(f"{what}: {_describe(last_error)} (after {retries + 1} attempt{'s' if retries else ''})")
 
-    def _attempt(self, conn, method: str, target: str, body: Optional[list], headers: dict, max_body: int) -> Response:
+    def _attempt(self, conn, method: str, target: str, body: Optional[list], headers: dict, max_body: int,
+                 cancel: Optional[threading.Event] = None) -> Response:
         try:
             conn.connect()
         except ssl.SSLCertVerificationError as exc:
@@ -183,7 +187,7 @@ class Transport:
         if body is None:
             conn.request(method, target, headers=headers)
             return _read(conn.getresponse(), max_body)
-        early = self._send_upload(conn, method, target, body, headers)
+        early = self._send_upload(conn, method, target, body, headers, cancel)
         if early is not None:
             return _read(early, SMALL_BODY_LIMIT)
         try:
@@ -192,7 +196,8 @@ class Transport:
             raise _AfterUpload() from exc
 
     @staticmethod
-    def _send_upload(conn, method: str, target: str, body: list, headers: dict) -> Optional[http.client.HTTPResponse]:
+    def _send_upload(conn, method: str, target: str, body: list, headers: dict,
+                     cancel: Optional[threading.Event] = None) -> Optional[http.client.HTTPResponse]:
         """Headers with ``Expect: 100-continue``, then the body once the server agrees (or does
         not answer within ``CONTINUE_WAIT``). Returns the server's final answer when it came
         before the body (a refusal), else None."""
@@ -210,6 +215,8 @@ class Transport:
             response.fp.close()  # nothing else can have arrived: the server waits for the body
         try:
             for piece in body:
+                if cancel is not None and cancel.is_set():
+                    raise JobCancelled("cancelled by the user during the upload")
                 conn.send(piece)
         except OSError as exc:  # reset, broken pipe, timeout: the server may still have answered
             early = _early_response(conn, method)
