@@ -147,3 +147,46 @@ def _requires_python_excludes_39(specifier: str) -> bool:
     from CTSliceInterpLib import installer
 
     return not installer.python_satisfies(specifier, (3, 9, 10))
+
+
+def test_remote_processing_runs_on_python39(tmp_path):
+    """Remote processing as on Slicer 5.8: the Lib's request, session and client on a real
+    Python 3.9 (with numpy 1.26, Slicer 5.8's) against a real server, B-spline, and the result
+    on the requested grid. Needs a Python 3.9 that has numpy (e.g. a venv in
+    $CTSLICEINTERP_PYTHON39); skipped otherwise."""
+    pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn) is not installed")
+    python = _python39()
+    if subprocess.run([python, "-c", "import numpy"], capture_output=True).returncode != 0:
+        pytest.skip(f"{python} has no numpy (point $CTSLICEINTERP_PYTHON39 at a Python 3.9 with numpy)")
+    from CTSliceInterpLib.local_backend import LocalBackend
+
+    server = LocalBackend(python=sys.executable, device="cpu", startup_timeout=120,
+                          environment={"OMP_NUM_THREADS": "1"})
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+        "from CTSliceInterpLib import logic, testing\n"
+        "from CTSliceInterpLib.session import ProcessingSession, ServerTarget\n"
+        "from ctsliceinterp.core.grid import thin_grid\n"
+        "volume = testing.synthetic_thick_volume()\n"
+        "target = thin_grid(volume.geometry, 1.0)\n"
+        "session = ProcessingSession(volume, logic.job_parameters('bspline', 1.0),\n"
+        "                            ServerTarget(url=sys.argv[1], token=sys.argv[2]), expected=target).start()\n"
+        "status = session.wait(timeout=120)\n"
+        "thin = session.result[0] if session.result else None\n"
+        "print(json.dumps({'state': status.state, 'error': status.error, 'python': sys.version.split()[0],\n"
+        "                  'same_grid': thin is not None and thin.shape == target.shape\n"
+        "                      and bool((abs(thin.geometry.affine - target.affine) < 1e-6).all())}))\n"
+    )
+    env = {**os.environ, "CTSLICEINTERP_BACKEND": str(BACKEND)}
+    env.pop("PYTHONPATH", None)
+    try:
+        url = server.ensure_started()
+        out = subprocess.run([python, "-c", script, url, server.token], capture_output=True, text=True,
+                             timeout=180, env=env)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["python"].startswith("3.9") and answer["state"] == "done", answer
+    assert answer["same_grid"], answer
