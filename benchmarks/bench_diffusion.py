@@ -36,7 +36,8 @@ from ctsliceinterp.io import read_volume  # noqa: E402
 from ctsliceinterp.models.configs import get_config  # noqa: E402
 from ctsliceinterp.models.unet import UNet3D  # noqa: E402
 from ctsliceinterp.models.vae import SliceVAE  # noqa: E402
-from ctsliceinterp.pipelines.diffusion import Interpolator, chunk_starts  # noqa: E402
+from ctsliceinterp.pipelines.depth_chunks import chunk_starts  # noqa: E402
+from ctsliceinterp.pipelines.diffusion import Interpolator  # noqa: E402
 from ctsliceinterp.core.volume import Volume  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the fraction-of-peak figure.

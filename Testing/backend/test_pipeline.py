@@ -27,7 +27,8 @@ from ctsliceinterp.core.grid import thin_grid
 from ctsliceinterp.models.configs import get_config
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE
-from ctsliceinterp.pipelines.diffusion import Interpolator, blend_over_depth, chunk_starts
+from ctsliceinterp.pipelines.depth_chunks import blend_over_depth, chunk_starts
+from ctsliceinterp.pipelines.diffusion import Interpolator
 from ctsliceinterp.core.progress import Reporter
 from ctsliceinterp.core.volume import Geometry, Volume
 

@@ -8,7 +8,7 @@ The ``diffusion`` method of ``ctsliceinterp.api`` (the CLI, the server and Slice
 3. condition: the thick latent resampled linearly onto the thin slice positions, plus position
    channels saying where each thin slice stands between acquired slices;
 4. sample (diffusers DDIM or DPM-Solver++) in overlapping depth chunks whose predictions are
-   blended with cosine ramps at every step: any depth, memory bounded by the chunk length;
+   blended with cosine ramps at every step (``depth_chunks``): any depth, memory bounded by the chunk length;
 5. VAE-decode in slice batches; 6. de-normalise;
 7. HU blend: where the value is outside the model's window (air, lung, bone) the output is the
    classical B-spline interpolation, with a smooth ramp at the window edges: nothing is clipped;
@@ -21,15 +21,15 @@ The ``diffusion`` method of ``ctsliceinterp.api`` (the CLI, the server and Slice
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..core.acquisition import consistency_correction
 from .checkpoint import Checkpoint, load_checkpoint
+from .depth_chunks import blend_over_depth
 from ..core.classical import interpolate_classical
 from ..schedulers import sample, sampling_scheduler
 from ..core.errors import GeometryError, InputError
@@ -102,42 +102,6 @@ def resample_depth(latents: torch.Tensor, x: np.ndarray) -> torch.Tensor:
     a = latents.index_select(2, torch.as_tensor(i0, device=latents.device))
     b = latents.index_select(2, torch.as_tensor(i1, device=latents.device))
     return a + f * (b - a)
-
-
-# --- chunked sampling -----------------------------------------------------------------------
-def chunk_starts(depth: int, chunk: int, overlap: int) -> list[int]:
-    """Start indices of the fewest chunks that cover ``depth`` with at least ``overlap`` slices
-    shared by neighbours, spread evenly (no nearly duplicated last chunk)."""
-    if depth <= chunk:
-        return [0]
-    count = math.ceil((depth - overlap) / (chunk - overlap))
-    return [int(round(s)) for s in np.linspace(0, depth - chunk, count)]
-
-
-def ramp_weights(length: int, overlap: int) -> torch.Tensor:
-    """Blending weights of one chunk: cosine ramps over ``overlap`` slices at both ends, never 0."""
-    w = torch.ones(length, dtype=torch.float32)
-    ramp_len = min(overlap, length // 2)
-    if ramp_len > 0:
-        i = torch.arange(ramp_len, dtype=torch.float32)
-        ramp = 0.5 - 0.5 * torch.cos(math.pi * (i + 1) / (ramp_len + 1))
-        w[:ramp_len] = ramp
-        w[length - ramp_len :] = ramp.flip(0)
-    return w
-
-
-def blend_over_depth(fn: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], chunk: int, overlap: int, device) -> torch.Tensor:
-    """Evaluate ``fn(start, stop)`` -> (B, C, stop-start, H, W) on overlapping depth chunks and
-    blend them with normalised cosine ramps (a weighted mean: constant fields stay constant)."""
-    depth = shape[2]
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    total = torch.zeros(depth, dtype=torch.float32, device=device)
-    for start in chunk_starts(depth, chunk, overlap):
-        stop = min(start + chunk, depth)
-        w = ramp_weights(stop - start, overlap).to(device)
-        out[:, :, start:stop] += fn(start, stop).float() * w[None, None, :, None, None]
-        total[start:stop] += w
-    return out / total[None, None, :, None, None]
 
 
 def _pad_in_plane(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
