@@ -108,7 +108,7 @@ class DiffusionTask:
     def _precompute(self, sources, out: Path, runtime: loop.Runtime) -> dict:
         """Encode every whole case once (rank 0 writes OUT/latents/*.npy, float16), memory-map them."""
         from ctsliceinterp.io.atomic import atomic_file
-        from ctsliceinterp.pipelines.diffusion import _pad_in_plane, normalise
+        from ctsliceinterp.pipelines.diffusion import pad_in_plane, normalise
 
         folder = out / "latents"
         paths = {}
@@ -125,7 +125,7 @@ class DiffusionTask:
                     y0, x0, size = self._latent_window(volume)
                     for start in range(0, volume.shape[0], 16):
                         hu = np.asarray(volume.array[start : start + 16, y0 : y0 + size, x0 : x0 + size])
-                        x, _ = _pad_in_plane(normalise(hu, self.model_config.window), self.model_config.vae.downsampling_factor)
+                        x, _ = pad_in_plane(normalise(hu, self.model_config.window), self.model_config.vae.downsampling_factor)
                         latents.append(self.encode(torch.from_numpy(x)[None])[0].cpu())
                     with atomic_file(path, suffix=".npy") as tmp:
                         np.save(tmp, torch.cat(latents, dim=1).numpy().astype(np.float16))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(TRAINING_DIR.parent / "Backend" / "src"))
 from ctsliceinterp.pipelines.checkpoint import load_checkpoint  # noqa: E402
 from ctsliceinterp.io import read_volume  # noqa: E402
 from ctsliceinterp.evaluation.metrics import BODY_THRESHOLD_HU, psnr  # noqa: E402
-from ctsliceinterp.pipelines.diffusion import _pad_in_plane, denormalise, normalise  # noqa: E402
+from ctsliceinterp.pipelines.diffusion import pad_in_plane, denormalise, normalise  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     first = max(0, (n - args.slices) // 2)
     indices = list(range(first, min(n, first + args.slices), max(1, args.stride)))
     hu = np.asarray(volume.array[indices], dtype=np.float32)
-    x, (h, w) = _pad_in_plane(normalise(hu, window), checkpoint.config.vae.downsampling_factor)
+    x, (h, w) = pad_in_plane(normalise(hu, window), checkpoint.config.vae.downsampling_factor)
     started = time.perf_counter()
     outputs = []
     with torch.no_grad():

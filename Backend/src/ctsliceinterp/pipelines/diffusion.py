@@ -104,7 +104,9 @@ def resample_depth(latents: torch.Tensor, x: np.ndarray) -> torch.Tensor:
     return a + f * (b - a)
 
 
-def _pad_in_plane(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+def pad_in_plane(array: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Edge-pad (D, H, W) up to multiples of ``multiple`` in-plane (what the VAE needs); returns the
+    padded array and the original (H, W) to crop back to. Training pads the same way."""
     h, w = array.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
@@ -241,7 +243,7 @@ class Interpolator:
     def _condition(self, volume: Volume, target: Geometry, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encode the thick slices once: the latent condition on the thin positions, the
         position channels and the unpadded in-plane size."""
-        normalised, size = _pad_in_plane(normalise(volume.array, self.config.window), self.config.pixel_multiple)
+        normalised, size = pad_in_plane(normalise(volume.array, self.config.window), self.config.pixel_multiple)
         thick_latents = self.encode(normalised, reporter)
         x, positions = thin_positions(volume.geometry, target)
         condition = resample_depth(thick_latents, x)
