@@ -169,7 +169,7 @@ class InterpolationRequest:
             spacing = DEFAULT_SPACING_MM
         # A comparison, not math.isfinite: an integer like 10**400 would overflow the float conversion.
         if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing < 1e6:
-            raise InputError(f"spacing must be a positive number of mm, got {spacing!r}")
+            raise InputError(f"spacing must be a positive number of mm, got {str(spacing)[:24]}")
         target = params.get("target")
         consistency = params.get("consistency")
         if consistency is not None and not isinstance(consistency, bool):
