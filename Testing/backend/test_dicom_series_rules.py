@@ -304,5 +304,11 @@ def test_dicom_output_holds_only_dicom_and_can_be_replaced(tmp_path):
     assert names == [f"IM{k:04d}.dcm" for k in range(1, 7)]  # no marker file: the folder is PACS-ready
     write_volume(volume, tmp_path / "out")  # written by CTSliceInterp before: replaced as a whole
     assert len(list(out.iterdir())) == 6
+    (out / ".ctsliceinterp-series").write_text("written by ctsliceinterp\n")  # what earlier versions left there
+    write_volume(volume, tmp_path / "out")
+    assert len(list(out.iterdir())) == 6
+    (out / "IM0007.dcm").write_bytes((tmp_path / "in" / "slice000.dcm").read_bytes())  # a scanner's file slipped in
+    with pytest.raises(OutputError, match="not empty"):
+        write_volume(volume, tmp_path / "out")
     with pytest.raises(OutputError, match="not empty"):
         write_volume(volume, tmp_path / "in")  # a scanner's series is never replaced

@@ -243,6 +243,9 @@ def test_corrupted_and_truncated_files_are_named(tmp_path):
     (tmp_path / "s" / "broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
     with pytest.raises(InputError, match="broken.dcm"):
         read_volume(tmp_path / "s")
+    (tmp_path / "s" / "broken.dcm").write_bytes(b"not DICOM at all, but named .dcm")  # fails the probe: still named
+    with pytest.raises(InputError, match="broken.dcm is not a DICOM file"):
+        read_volume(tmp_path / "s")
     paths = write_series(tmp_path / "t", hu_volume())
     paths[3].write_bytes(paths[3].read_bytes()[:-100])  # pixel data cut short
     with pytest.raises(InputError, match=r"cannot decode the pixels of .*slice003.dcm"):
