@@ -140,8 +140,12 @@ def slow_upload(port: int, length: int, seconds: float, replies: list) -> None:
         replies.append((time.monotonic(), reply))
 
 
-def test_slow_uploads_are_dropped_and_do_not_starve_the_others(start_server):
-    server = start_server(max_concurrent_uploads=2, upload_min_rate_bytes=10_000, upload_rate_grace_seconds=1.0)
+@pytest.mark.parametrize("grace, busy_grace", [(1.0, 1.0), (30.0, 1.0)])
+def test_slow_uploads_are_dropped_and_do_not_starve_the_others(start_server, grace, busy_grace):
+    """Two slow clients hold both upload slots; they are dropped once the grace passes, and at
+    once (after the busy grace) when another upload waits for a slot."""
+    server = start_server(max_concurrent_uploads=2, upload_min_rate_bytes=10_000, upload_rate_grace_seconds=grace,
+                          upload_busy_grace_seconds=busy_grace)
     replies: list = []
     start = time.monotonic()
     slow = [threading.Thread(target=slow_upload, args=(server.port, 100_000, 8.0, replies)) for _ in range(2)]

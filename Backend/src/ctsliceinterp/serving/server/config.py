@@ -38,6 +38,9 @@ class ServerConfig:
     # (bytes/s since it began), or it is dropped (408) and its slot goes to the next upload.
     upload_min_rate_bytes: float = 32 * 1024
     upload_rate_grace_seconds: float = 10.0
+    # While another upload waits for a slot, the grace shrinks to this: slow clients cannot
+    # hold every slot for long.
+    upload_busy_grace_seconds: float = 2.0
     # A request's head (request line and headers) must arrive within this, or the connection
     # is closed; the same bounds an idle kept-alive connection.
     header_timeout_seconds: float = 10.0

@@ -56,7 +56,7 @@ async def receive_job(request: Request, state: ServerState) -> Intake:
     multipart = content_type.lower().startswith("multipart/form-data")
     if not multipart and content_type.split(";")[0].strip().lower() not in NRRD_TYPES:
         raise ApiError(415, f"unsupported Content-Type {content_type[:60]!r}: send NRRD bytes (application/x-nrrd) or multipart/form-data")
-    async with state.uploads:  # reading and parsing: the memory of an upload is held only here
+    async with state.upload_slot():  # reading and parsing: the memory of an upload is held only here
         body = await _read(request, state)
         try:
             data, params_text = _split(body, content_type, multipart, request)
@@ -75,7 +75,7 @@ async def receive_job(request: Request, state: ServerState) -> Intake:
 async def _read(request: Request, state: ServerState) -> bytearray:
     config = state.config
     pace = UploadPace(config.upload_idle_timeout_seconds, config.upload_min_rate_bytes, config.upload_rate_grace_seconds,
-                      asyncio.get_running_loop().time())
+                      asyncio.get_running_loop().time(), config.upload_busy_grace_seconds, lambda: state.waiting_uploads > 0)
     try:
         return await read_body(request, config.max_upload_bytes, pace)
     except UploadTooLarge:

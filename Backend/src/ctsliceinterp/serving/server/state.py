@@ -4,6 +4,7 @@ slots. One ``ServerState`` per app, reached through the ``server_state`` depende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -19,6 +20,19 @@ class ServerState:
     registry: ModelRegistry
     manager: JobManager
     uploads: asyncio.Semaphore  # bodies being received and parsed at once (memory)
+    waiting_uploads: int = 0  # uploads waiting for one of those slots
+
+    @contextlib.asynccontextmanager
+    async def upload_slot(self):
+        self.waiting_uploads += 1
+        try:
+            await self.uploads.acquire()
+        finally:
+            self.waiting_uploads -= 1
+        try:
+            yield
+        finally:
+            self.uploads.release()
 
     @classmethod
     def create(cls, config: ServerConfig, registry: ModelRegistry) -> "ServerState":

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from starlette.requests import Request
 
 from ...core.errors import InputError
+
+
+PACE_RECHECK_SECONDS = 0.5
 
 
 class UploadTooLarge(Exception):
@@ -24,19 +27,26 @@ class UploadStalled(Exception):
 class UploadPace:
     """When an upload must have made progress: no gap longer than ``idle_timeout`` s, and after
     ``grace`` s at least ``min_rate`` bytes/s on average since it began. One deadline covers
-    both, so a slow-loris sending a byte now and then cannot keep a slot."""
+    both, so a slow-loris sending a byte now and then cannot keep a slot. While ``contended()``
+    (another upload waits for a slot), the grace is ``busy_grace``."""
 
-    def __init__(self, idle_timeout: float, min_rate: float, grace: float, now: float):
+    def __init__(self, idle_timeout: float, min_rate: float, grace: float, now: float,
+                 busy_grace: Optional[float] = None, contended: Callable[[], bool] = lambda: False):
         self.idle_timeout, self.min_rate, self.grace, self.start = idle_timeout, min_rate, grace, now
+        self.busy_grace = grace if busy_grace is None else min(grace, busy_grace)
+        self.contended = contended
         self.received = 0
 
+    def _grace(self) -> float:
+        return self.busy_grace if self.contended() else self.grace
+
     def deadline(self, now: float) -> float:
-        paced = self.start + max(self.grace, self.received / self.min_rate) if self.min_rate > 0 else float("inf")
+        paced = self.start + max(self._grace(), self.received / self.min_rate) if self.min_rate > 0 else float("inf")
         return min(now + self.idle_timeout, paced)
 
     def problem(self, now: float) -> str:
         elapsed = now - self.start
-        if self.min_rate > 0 and elapsed >= self.grace and self.received < self.min_rate * elapsed * 0.999:
+        if self.min_rate > 0 and elapsed >= self.busy_grace and self.received < self.min_rate * elapsed * 0.999:
             return (f"the upload is too slow: {self.received} bytes in {elapsed:.0f} s, below this server's minimum "
                     f"of {self.min_rate / 1024:g} KiB/s")
         return f"the upload stalled for {self.idle_timeout:g} s"
@@ -49,8 +59,15 @@ async def read_body(request: Request, limit: int, pace: UploadPace) -> bytearray
     chunks = request.stream().__aiter__()
     loop = asyncio.get_running_loop()
     if hasattr(asyncio, "timeout"):  # Python >= 3.11: one timer, moved on at every chunk
+        tick = None
         try:
             async with asyncio.timeout(pace.deadline(loop.time()) - loop.time()) as watchdog:
+                def recheck() -> None:  # the pace changes when another upload starts waiting
+                    nonlocal tick
+                    watchdog.reschedule(pace.deadline(loop.time()))
+                    tick = loop.call_later(PACE_RECHECK_SECONDS, recheck)
+
+                tick = loop.call_later(PACE_RECHECK_SECONDS, recheck)
                 async for chunk in chunks:
                     if len(body) + len(chunk) > limit:
                         raise UploadTooLarge()
@@ -59,6 +76,9 @@ async def read_body(request: Request, limit: int, pace: UploadPace) -> bytearray
                     watchdog.reschedule(pace.deadline(loop.time()))
         except TimeoutError:
             raise UploadStalled(pace.problem(loop.time())) from None
+        finally:
+            if tick is not None:
+                tick.cancel()
         return body
     while True:  # Python 3.10: a timeout per chunk (wait_for runs each in a task: slower)
         try:
