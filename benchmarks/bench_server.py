@@ -16,6 +16,14 @@
    two processes costs), and one write of it into a fresh shared-memory segment.
 4. Diffusion overhead: the job users run by default (the shipped model on the bundled phantom,
    seed 0), in process with the model loaded once and through `serve`, alternating.
+5. Latency: small requests on one kept-alive connection (as a long-polling client makes them),
+   plain and TLS, against the shipped listening socket (TCP_NODELAY) and against the same server
+   on a socket without it (how `serve` bound it before), to show what Nagle's algorithm costs.
+6. Full queue: 10 concurrent clients upload 30 MiB each, 4 rounds, to a server with
+   `--queue-size 1` and a long job running, plain and TLS: every upload must hear 503 (none
+   lost as a reset); then `Client.run` from each client must wait, resubmit and finish.
+7. Hostile input: each case from issue 16 sent to a fresh server, with its answer, the time to
+   answer and the server's peak memory (VmHWM) before and after.
 
 Bounded: a fixed number of requests, and --max-seconds stops everything (default 600).
 """
@@ -48,14 +56,22 @@ from ctsliceinterp.core.volume import Volume  # noqa: E402
 
 # --- a server process --------------------------------------------------------------------------
 class ServerProcess:
-    def __init__(self, *extra: str):
+    """A server in its own process: ``ctsliceinterp serve`` with ``extra`` options, or, with
+    ``config`` (ServerConfig fields, e.g. a test hook like step_delay_seconds), this script's
+    --serve mode, which builds the same app and runs it through the same runner."""
+
+    def __init__(self, *extra: str, config: dict | None = None, tls: tuple | None = None, nodelay: bool = True):
         self.folder = tempfile.TemporaryDirectory(prefix="ctsi-bench-")
         ready = Path(self.folder.name) / "ready.json"
         env = {**os.environ, "PYTHONPATH": str(REPO / "Backend" / "src")}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ctsliceinterp.cli", "serve", "--port", "0", "--ready-file", str(ready), "--log-level", "warning", *extra],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        if config is None and nodelay:
+            command = [sys.executable, "-m", "ctsliceinterp.cli", "serve", "--port", "0", "--ready-file", str(ready), "--log-level", "warning", *extra]
+            if tls:
+                command += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
+        else:
+            spec = {"config": config or {}, "tls": [str(t) for t in tls] if tls else None, "nodelay": nodelay, "ready": str(ready)}
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while not ready.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -63,6 +79,7 @@ class ServerProcess:
             time.sleep(0.05)
         self.url = json.loads(ready.read_text())["url"]
         self.pid = self.process.pid
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def memory_mib(self) -> dict:
         """Current (VmRSS) and peak (VmHWM) resident memory of the server process."""
@@ -108,9 +125,9 @@ def load_test(clients: int, jobs_per_client: int, shape, deadline: float) -> dic
         lock = threading.Lock()
 
         class CountingClient(Client):
-            def submit(self, volume, params=None):
+            def submit(self, volume, params=None, cancel=None):
                 try:
-                    return super().submit(volume, params)
+                    return super().submit(volume, params, cancel)
                 except ServerBusy:
                     with lock:
                         busy[0] += 1
@@ -160,7 +177,9 @@ def load_test(clients: int, jobs_per_client: int, shape, deadline: float) -> dic
             "error_count": len(errors),
             "busy_503_retries": busy[0],
             "wall_seconds": round(wall, 2),
+            "jobs_lost": clients * jobs_per_client - (len(durations) - len(errors)),
             "job_seconds_median": round(statistics.median(durations), 2) if durations else None,
+            "job_seconds_p95": round(percentile(durations, 95), 2) if durations else None,
             "job_seconds_max": round(max(durations), 2) if durations else None,
             "rss_mib_before": before.get("VmRSS"),
             "rss_mib_peak_sampled": peak_rss[0],
@@ -464,6 +483,301 @@ def diffusion_overhead(repeats: int) -> dict:
     }
 
 
+def percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def certificate(folder: Path):
+    sys.path.insert(0, str(REPO / "Testing" / "server"))
+    from live_server import self_signed_certificate  # one certificate helper for tests and benchmark
+
+    return self_signed_certificate(folder)
+
+
+# --- 5. latency of small requests (TCP_NODELAY) ----------------------------------------------------
+def latency(requests: int) -> dict:
+    import http.client
+    import ssl
+
+    folder = tempfile.TemporaryDirectory(prefix="ctsi-bench-tls-")
+    cert, key = certificate(Path(folder.name))
+    figures = {}
+    for tls in (False, True):
+        for nodelay in (True, False):
+            server = ServerProcess(config={}, tls=(cert, key) if tls else None, nodelay=nodelay)
+            try:
+                if tls:
+                    conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10, context=ssl.create_default_context(cafile=str(cert)))
+                else:
+                    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                seconds = []
+                for index in range(requests + 5):  # one kept-alive connection, as a long-polling client has
+                    start = time.perf_counter()
+                    conn.request("GET", "/v1/health")
+                    conn.getresponse().read()
+                    if index >= 5:
+                        seconds.append(time.perf_counter() - start)
+                conn.close()
+            finally:
+                server.stop()
+            figures[f"{'tls' if tls else 'plain'}_{'nodelay' if nodelay else 'no_nodelay'}"] = {
+                "requests": requests, "p50_ms": round(1000 * statistics.median(seconds), 2), "p95_ms": round(1000 * percentile(seconds, 95), 2)}
+    folder.cleanup()
+    return figures
+
+
+# --- 6. a full queue under concurrent uploads ---------------------------------------------------------
+def full_queue(clients: int, rounds: int, upload_mib: int) -> dict:
+    folder = tempfile.TemporaryDirectory(prefix="ctsi-bench-tls-")
+    cert, key = certificate(Path(folder.name))
+    big = ct_like((upload_mib * 2, 512, 512), spacing=(0.7, 0.7, 5.0))  # int16: upload_mib MiB raw
+    small = ct_like((6, 32, 32))
+    figures = {}
+    for tls in (False, True):
+        # step_delay_seconds (a test hook) holds the blocking job running for the whole run.
+        server = ServerProcess(config={"queue_size": 1, "step_delay_seconds": 3.0, "max_upload_bytes": 2 * upload_mib * 2**20},
+                               tls=(cert, key) if tls else None)
+        try:
+            ca = str(cert) if tls else None
+            blocker = Client(server.url, ca_file=ca)
+            running = blocker.submit(small, {"method": "lanczos"})
+            while blocker.status(running)["state"] != "running":
+                time.sleep(0.05)
+            queued = blocker.submit(small, {"method": "lanczos"})
+            outcomes: dict[str, int] = {}
+            lock = threading.Lock()
+
+            def upload() -> None:
+                try:
+                    Client(server.url, ca_file=ca, retries=0, compress=False, timeout=60).submit(big, {})
+                    key_ = "accepted"
+                except ServerBusy:
+                    key_ = "busy_503"
+                except Exception as exc:  # noqa: BLE001 - a refusal that did not reach the client
+                    key_ = f"lost ({type(exc).__name__})"
+                with lock:
+                    outcomes[key_] = outcomes.get(key_, 0) + 1
+
+            start = time.perf_counter()
+            for _ in range(rounds):
+                threads = [threading.Thread(target=upload) for _ in range(clients)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            wall = time.perf_counter() - start
+            blocker.cancel(queued)
+            blocker.cancel(running)
+        finally:
+            server.stop()
+        figures["tls" if tls else "plain"] = {"uploads": clients * rounds, "upload_mib": upload_mib, "outcomes": outcomes,
+                                              "lost": sum(v for k, v in outcomes.items() if k.startswith("lost")), "wall_seconds": round(wall, 2)}
+    # Client.run waits and resubmits on 503: every job of every client finishes.
+    server = ServerProcess(config={"queue_size": 1, "step_delay_seconds": 0.02})
+    try:
+        volume = ct_like((16, 512, 512))  # 8 MiB raw
+        expected = interpolate(volume, InterpolationRequest(method="linear", spacing=2.5)).volume.array
+        results: list[str] = []
+
+        def run_one() -> None:
+            try:
+                thin, _ = Client(server.url, compress=False).run(volume, {"method": "linear", "spacing": 2.5}, poll_interval=0.2)
+                results.append("done" if np.array_equal(thin.array, expected) else "wrong")
+            except Exception as exc:  # noqa: BLE001
+                results.append(type(exc).__name__)
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=run_one) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        figures["client_run"] = {"clients": clients, "done_bit_identical": results.count("done"), "other": sorted(set(results) - {"done"}),
+                                 "wall_seconds": round(time.perf_counter() - start, 2)}
+    finally:
+        server.stop()
+    folder.cleanup()
+    return figures
+
+
+# --- 7. hostile input ------------------------------------------------------------------------------------
+def hostile() -> list[dict]:
+    """Each case against one fresh `serve` (default limits); the answer, its time, and the
+    server's peak resident memory (VmHWM) after the case."""
+    import http.client
+    import socket
+    import zlib
+
+    server = ServerProcess("--no-default-model")
+    host, port = "127.0.0.1", server.port
+    thick = ct_like((6, 64, 64))
+    body = volume_to_nrrd_bytes(thick, gzip=False)
+    identity = [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    rows = []
+
+    def post(data, params=None, headers=None):
+        conn = http.client.HTTPConnection(host, port, timeout=120)
+        try:
+            conn.request("POST", "/v1/jobs", body=data, headers={"Content-Type": "application/x-nrrd",
+                         "X-CTSliceInterp-Params": params if isinstance(params, str) else json.dumps(params or {}), **(headers or {})})
+            response = conn.getresponse()
+            return f"{response.status} {json.loads(response.read()).get('error', '')}"
+        except (OSError, http.client.HTTPException) as exc:
+            return f"connection error: {type(exc).__name__}"
+        finally:
+            conn.close()
+
+    def bomb(type_name: str, inflated: int) -> bytes:
+        header = (f"NRRD0004\ntype: {type_name}\ndimension: 3\nspace: left-posterior-superior\nsizes: 1024 1024 512\n"
+                  "space directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\nendian: little\nencoding: gzip\n"
+                  "space origin: (0,0,0)\n\n").encode()
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+        return header + compressor.compress(bytes(inflated)) + compressor.flush()
+
+    def slow_loris(count: int, seconds: float) -> str:
+        """``count`` uploads sending a byte every 2 s, then one normal upload: when was it accepted?"""
+        socks, start = [], time.monotonic()
+        for _ in range(count):
+            sock = socket.create_connection((host, port), timeout=seconds + 30)
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-nrrd\r\nContent-Length: 1000000\r\n\r\n")
+            socks.append(sock)
+        answers = []
+
+        def drip(sock) -> None:
+            import select
+
+            end = time.monotonic() + seconds
+            try:
+                while time.monotonic() < end and not select.select([sock], [], [], 2)[0]:  # until the server answers
+                    sock.sendall(b"N")
+            except OSError:
+                pass
+            answered = round(time.monotonic() - start, 1)
+            try:
+                answers.append((answered, sock.recv(200).split(b"\r\n")[0].decode()))
+            except OSError as exc:
+                answers.append((answered, type(exc).__name__))
+
+        threads = [threading.Thread(target=drip, args=(sock,)) for sock in socks]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        Client(server.url, timeout=120).submit(thick, {"method": "linear"})
+        accepted = round(time.monotonic() - start, 1)
+        for thread in threads:
+            thread.join()
+        for sock in socks:
+            sock.close()
+        return f"a normal upload alongside was accepted after {accepted} s; the slow ones got: {sorted(set(a[1] for a in answers))} after {min(a[0] for a in answers)}-{max(a[0] for a in answers)} s"
+
+    def slow_head(seconds: float) -> str:
+        start = time.monotonic()
+        with socket.create_connection((host, port), timeout=seconds + 30) as sock:
+            try:
+                for byte in b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(1)
+                    if time.monotonic() - start > seconds:
+                        return f"still open after {seconds:g} s"
+            except OSError as exc:
+                return f"closed by the server after {time.monotonic() - start:.1f} s ({type(exc).__name__})"
+        return "?"
+
+    def redirect() -> str:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/v1/health/", headers={"Host": "evil.example"})
+        response = conn.getresponse()
+        response.read()
+        return f"{response.status}, Location: {response.getheader('Location')}"
+
+    def huge_length() -> str:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-nrrd\r\nContent-Length: 1000000000000\r\n\r\n")
+            return sock.recv(300).split(b"\r\n")[0].decode()
+
+    def token_at_start(text: str, mode: int) -> str:
+        with tempfile.TemporaryDirectory() as folder:
+            token_file = Path(folder) / "token"
+            token_file.write_text(text + "\n", encoding="utf-8")
+            token_file.chmod(mode)
+            ready = Path(folder) / "ready.json"
+            process = subprocess.Popen([sys.executable, "-m", "ctsliceinterp.cli", "serve", "--port", "0", "--token-file", str(token_file),
+                                        "--no-default-model", "--ready-file", str(ready)],
+                                       env={**os.environ, "PYTHONPATH": str(REPO / "Backend" / "src")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 30
+            while process.poll() is None and not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            started = ready.exists()
+            process.terminate()
+            err = process.communicate(timeout=30)[1].decode()
+            lines = [line for line in err.splitlines() if "token" in line and "serving on" not in line]
+            return f"{'started' if started else f'refused (exit {process.returncode})'}: {lines[0].strip()[:160] if lines else ''}"
+
+    far = thick.geometry.with_slices(float(thick.geometry.slice_positions()[0]) + 1_000_000.0, 10, 2.5)
+    labels = Volume.from_array(np.random.default_rng(1).integers(0, 4, (6, 64, 64)).astype(np.uint8), (1.0, 1.0, 5.0))
+    bomb_short, bomb_double = bomb("short", 1024 * 2**20), bomb("double", 64 * 2**20)  # made before the clock starts
+    cases = [
+        ("gzip bomb: sizes 1024 1024 512 int16 (1 GiB), 1 MiB of compressed zeros", lambda: post(bomb_short)),
+        ("gzip bomb: the same sizes as double (4 GiB declared)", lambda: post(bomb_double)),
+        ("target.shape [1e8, 64, 64]", lambda: post(body, {"target": {"shape": [10**8, 64, 64], "spacing": [0.7, 0.7, 1], "origin": [0, 0, 0], "direction": identity}})),
+        ("target.shape [10^30, 64, 64]", lambda: post(body, '{"target": {"shape": [1' + "0" * 30 + ', 64, 64], "spacing": [0.7, 0.7, 1], "origin": [0, 0, 0], "direction": [1,0,0,0,1,0,0,0,1]}}')),
+        ("spacing 10^400", lambda: post(body, '{"spacing": 1' + "0" * 400 + "}")),
+        ("target 1 km from the data", lambda: post(body, {"target": far.to_dict()})),
+        ("label map (unsigned char, 4 values)", lambda: post(volume_to_nrrd_bytes(labels))),
+        ("Content-Length 10^12", huge_length),
+        ("GET /v1/health/ with Host: evil.example", redirect),
+        ("4 slow-loris uploads (1 byte / 2 s for 30 s) + 1 normal upload", lambda: slow_loris(4, 30.0)),
+        ("request head sent 1 byte / s", lambda: slow_head(30.0)),
+        ("token file readable by others (0644)", lambda: token_at_start("x" * 32, 0o644)),
+        ("token with a non-Latin-1 character", lambda: token_at_start("geheim-\u2603-0123456789abcdef", 0o600)),
+    ]
+    rows.append({"case": "(the server at start, before any case)", "answer": "", "seconds": 0.0,
+                 "server_peak_rss_mib": server.memory_mib().get("VmHWM"), "server_alive": server.alive()})
+    try:
+        for name, case in cases:
+            start = time.perf_counter()
+            answer = case()
+            rows.append({"case": name, "answer": answer[:300], "seconds": round(time.perf_counter() - start, 2),
+                         "server_peak_rss_mib": server.memory_mib().get("VmHWM"), "server_alive": server.alive()})
+            print("  hostile:", json.dumps(rows[-1]), flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
+def serve_from_spec(spec_text: str) -> int:
+    """--serve SPEC: the app from ServerConfig fields, run by the shipped runner; with
+    "nodelay": false, on a socket bound as `serve` bound it before TCP_NODELAY (the "before")."""
+    import socket
+
+    import uvicorn
+
+    from ctsliceinterp.serving.server import ServerConfig, create_app
+    from ctsliceinterp.serving.server.runner import serve, uvicorn_config
+
+    spec = json.loads(spec_text)
+    config = ServerConfig(port=0, **spec["config"])
+    certfile, keyfile = spec["tls"] or (None, None)
+    app = create_app(config)
+    if spec["nodelay"]:
+        return serve(app, config, certfile, keyfile, ready_file=spec["ready"], log_level="warning")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # proto 0: asyncio does not set TCP_NODELAY either
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, config, certfile, keyfile, log_level="warning"))
+
+    def announce() -> None:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"{'https' if certfile else 'http'}://127.0.0.1:{sock.getsockname()[1]}"
+        Path(spec["ready"]).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[sock])
+    return 0
+
+
 def machine() -> str:
     cpus = os.cpu_count()
     try:
@@ -482,26 +796,39 @@ def machine() -> str:
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        return serve_from_spec(sys.argv[2])
+    sections = ["load", "fuzz", "overhead", "diffusion", "latency", "full_queue", "hostile"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--quick", action="store_true", help="smaller numbers (a smoke run)")
     parser.add_argument("--max-seconds", type=float, default=600)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["load", "fuzz", "overhead", "diffusion"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=sections)
+    parser.add_argument("--only", nargs="*", choices=sections, help="run only these sections")
     args = parser.parse_args()
+    run = [name for name in (args.only or sections) if name not in args.skip]
     deadline = time.monotonic() + args.max_seconds
-    figures = {"machine": machine(), "load": None, "fuzz": None, "overhead": None, "diffusion_overhead": None}
-    if "load" not in args.skip:
+    figures = {"machine": machine(), **{("diffusion_overhead" if name == "diffusion" else name): None for name in sections}}
+    if "load" in run:
         figures["load"] = load_test(4 if args.quick else 20, 3, (12, 128, 128), deadline)
         print("load:", json.dumps(figures["load"]), flush=True)
-    if "fuzz" not in args.skip:
+    if "fuzz" in run:
         figures["fuzz"] = {"parser": fuzz_parser(200 if args.quick else 3000), "endpoint": fuzz_endpoint(50 if args.quick else 400)}
         print("fuzz:", json.dumps(figures["fuzz"]), flush=True)
-    if "overhead" not in args.skip:
+    if "overhead" in run:
         figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 9)
         print("overhead:", json.dumps(figures["overhead"]), flush=True)
-    if "diffusion" not in args.skip:
+    if "diffusion" in run:
         figures["diffusion_overhead"] = diffusion_overhead(1 if args.quick else 3)
         print("diffusion overhead:", json.dumps(figures["diffusion_overhead"]), flush=True)
+    if "latency" in run:
+        figures["latency"] = latency(20 if args.quick else 200)
+        print("latency:", json.dumps(figures["latency"]), flush=True)
+    if "full_queue" in run:
+        figures["full_queue"] = full_queue(10, 1 if args.quick else 4, 30)
+        print("full queue:", json.dumps(figures["full_queue"]), flush=True)
+    if "hostile" in run:
+        figures["hostile"] = hostile()
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     ok = True
@@ -509,6 +836,10 @@ def main() -> int:
         ok &= figures["load"]["error_count"] == 0
     if figures["fuzz"]:
         ok &= figures["fuzz"]["parser"]["crash_count"] == 0 and figures["fuzz"]["endpoint"]["crash_count"] == 0
+    if figures["full_queue"]:
+        ok &= all(figures["full_queue"][k]["lost"] == 0 for k in ("plain", "tls"))
+    if figures["hostile"]:
+        ok &= all(row["server_alive"] and not row["answer"].startswith("5") for row in figures["hostile"])
     return 0 if ok else 1
 
 
