@@ -53,8 +53,11 @@ def test_from_params_is_strict(params, message):
 
 def test_geometry_dict_and_affine():
     assert Geometry.from_dict(TARGET.to_dict()) == TARGET
+    # Columns of the direction are the i, j, k axes: i = +x, j = +z, k = -y (LPS), by hand:
+    # origin + 2 * 0.5 * i + 1 * 0.5 * j + 3 * 1.25 * k = (-10 + 1, 3 - 3.75, 2.5 + 0.5).
     ijk = np.array([2.0, 1.0, 3.0])
-    assert np.allclose((TARGET.affine @ np.append(ijk, 1.0))[:3], TARGET.index_to_physical(ijk))
+    assert np.allclose((TARGET.affine @ np.append(ijk, 1.0))[:3], [-9.0, -0.75, 3.0])
+    assert np.allclose(TARGET.index_to_physical(ijk), [-9.0, -0.75, 3.0])
 
 
 def test_registry_classical_methods_are_implemented_and_learned_ones_name_a_pipeline():

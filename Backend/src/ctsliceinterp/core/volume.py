@@ -67,8 +67,8 @@ class Geometry:
 
     def index_to_physical(self, index_ijk: Any) -> np.ndarray:
         """Continuous (i, j, k) index, shape (..., 3), to LPS points."""
-        ijk = np.asarray(index_ijk, dtype=float)
-        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ self.direction_matrix.T
+        affine = self.affine
+        return np.asarray(index_ijk, dtype=float) @ affine[:3, :3].T + affine[:3, 3]
 
     def slice_positions(self) -> np.ndarray:
         """Position of each slice centre along the normal, in mm."""
