@@ -186,8 +186,8 @@ def _require_finite(values, what: str) -> None:
 
 
 class VolumeTooLarge(InputError):
-    """The header declares more voxels or bytes than the caller allows (checked before anything
-    is inflated or allocated)."""
+    """The header declares more bytes of voxel data than the caller allows, or more than a gzip
+    body can hold (checked before anything is inflated or allocated)."""
 
 
 def volume_from_nrrd_bytes(data: bytes, max_voxels: int | None = None, max_bytes: int | None = None,
@@ -195,9 +195,10 @@ def volume_from_nrrd_bytes(data: bytes, max_voxels: int | None = None, max_bytes
     """Parse an attached NRRD (raw or gzip) into a Volume with its LPS geometry.
 
     Raises ``InputError`` naming the problem for anything malformed: dimension other than 3,
-    unsupported type or encoding, non-positive spacing, truncated or extra data; and
-    ``VolumeTooLarge`` for more than ``max_voxels`` voxels or ``max_bytes`` bytes of voxel data,
-    or gzip data that would inflate more than ``max_gzip_ratio`` times (a decompression bomb).
+    unsupported type or encoding, non-positive spacing, more than ``max_voxels`` voxels,
+    truncated or extra data; and ``VolumeTooLarge`` (also an ``InputError``) for more than
+    ``max_bytes`` bytes of voxel data, or gzip data that would inflate more than
+    ``max_gzip_ratio`` times (a decompression bomb).
     gzip data is inflated into one buffer of the declared size, never more."""
     try:
         return _volume_from_nrrd_bytes(data, max_voxels, max_bytes, max_gzip_ratio)
@@ -230,7 +231,7 @@ def _volume_from_nrrd_bytes(data, max_voxels: int | None, max_bytes: int | None,
         raise InputError(f"NRRD sizes must be 3 positive integers, got {fields.get('sizes', 'none')!r}")
     n_voxels = sizes[0] * sizes[1] * sizes[2]
     if max_voxels is not None and n_voxels > max_voxels:
-        raise VolumeTooLarge(f"the volume has {n_voxels} voxels, more than the limit of {max_voxels}")
+        raise InputError(f"the volume has {n_voxels} voxels, more than the limit of {max_voxels}")
     if "data file" in fields or "datafile" in fields:
         raise InputError("detached NRRD (data file) is not supported: send an attached .nrrd")
     if fields.get("byte skip", "0") not in ("0",) or fields.get("line skip", "0") not in ("0",):
