@@ -58,8 +58,24 @@ def like_grid(thick: Geometry, reference: Geometry) -> Geometry:
             "the reference does not share the input's in-plane grid (rows, columns, pixel spacing, "
             f"direction and in-plane position): input {thick.describe()}; reference {reference.describe()}"
         )
-    positions = reference.slice_positions()
-    return thick.with_slices(float(positions[0]), reference.shape[0], reference.slice_spacing)
+    target = thick.with_slices(float(reference.slice_positions()[0]), reference.shape[0], reference.slice_spacing)
+    _check_overlap(thick, target)
+    return target
+
+
+def _check_overlap(thick: Geometry, target: Geometry) -> None:
+    """Refuse a target whose slices all lie outside the slabs the input covers (each thick slice
+    covers half its spacing on either side): every output slice would be a copy of an end slice."""
+    half = thick.slice_spacing / 2
+    positions = thick.slice_positions()
+    low, high = float(positions[0]) - half, float(positions[-1]) + half
+    first = float(target.slice_positions()[0])
+    last = first + (target.shape[0] - 1) * target.spacing[2]
+    if last < low or first > high:
+        raise GeometryError(
+            f"the target slices ({first:.1f} to {last:.1f} mm along the slice normal) do not overlap the input "
+            f"({low:.1f} to {high:.1f} mm): choose a reference grid from the same scan"
+        )
 
 
 def fractional_indices(source: Geometry, target: Geometry) -> np.ndarray:

@@ -121,10 +121,8 @@ def _parse_volume(data, state: ServerState) -> Volume:
 
 
 def _target(volume: Volume, job_request: InterpolationRequest, max_output_voxels: int) -> Geometry:
-    target = target_geometry(volume, job_request)
+    target = target_geometry(volume, job_request)  # a target outside the input is refused there (core.grid)
     _check_output_size(target.shape, job_request.samples, max_output_voxels)
-    if job_request.target is not None:
-        check_overlap(volume.geometry, target)
     return target
 
 
@@ -132,21 +130,6 @@ def _check_output_size(shape, samples: int, limit: int) -> None:
     voxels = shape[0] * shape[1] * shape[2] * samples
     if voxels > limit:
         raise VolumeTooLarge(f"the result would have {voxels} voxels, more than this server's limit of {limit}")
-
-
-def check_overlap(thick: Geometry, target: Geometry) -> None:
-    """Refuse a target grid whose slices all lie outside the slabs the input covers (each thick
-    slice covers half its spacing on either side): there, every output slice would be a copy of
-    an end slice."""
-    half = thick.slice_spacing / 2
-    low, high = float(thick.slice_positions()[0]) - half, float(thick.slice_positions()[-1]) + half
-    first = float(target.slice_positions()[0])
-    last = first + (target.shape[0] - 1) * target.spacing[2]
-    if last < low or first > high:
-        raise InputError(
-            f"the target slices ({first:.1f} to {last:.1f} mm along the slice normal) do not overlap the input "
-            f"({low:.1f} to {high:.1f} mm): choose a reference grid from the same scan"
-        )
 
 
 def _too_large(limit: int) -> str:
