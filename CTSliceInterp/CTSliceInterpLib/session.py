@@ -227,10 +227,13 @@ class ProcessingSession:
         if event.job_id:
             self.job_id = event.job_id
         progress = {"uploading": 0.0, "downloading": 1.0, "done": 1.0}.get(event.state, event.fraction)
-        self._set(event.state if event.state in STATES else "running", progress, describe_progress(event, self.target))
+        # Only _work ends a session (it sets ``result`` first): the client's own "done" is still
+        # "downloading" here, or the GUI could finish a run whose result is not yet stored.
+        state = event.state if event.state in PROGRESS_STATES else "downloading" if event.state == "done" else "running"
+        self._set(state, progress, describe_progress(event, self.target))
 
 
-STATES = ("starting", "uploading", "queued", "running", "downloading", "done", "failed", "cancelled")
+PROGRESS_STATES = ("uploading", "queued", "running", "downloading")  # what Client.run reports before the end
 
 
 def describe_progress(event, target: ServerTarget) -> str:

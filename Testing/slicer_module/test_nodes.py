@@ -262,3 +262,16 @@ def test_the_widget_enables_the_options_the_method_takes():
     assert logic.method_options("bspline") == ()
     assert {"steps", "samples", "consistency"} <= set(logic.method_options("tiny"))  # a diffusion model
     assert set(logic.method_options("diffusion")) == set(logic.method_options("default"))
+
+
+def test_a_session_ends_only_once_its_result_is_stored(make_volume):
+    """Client.run reports "done" before it returns the volumes: the session must not look
+    finished to the GUI's timer until ``result`` is there."""
+    from ctsliceinterp.serving.client import JobProgress
+
+    from CTSliceInterpLib.session import ProcessingSession, ServerTarget
+
+    session = ProcessingSession(make_volume(), {}, ServerTarget(url="http://127.0.0.1:9"))
+    session._on_progress(JobProgress("done", 1, 1, state="done", message="done", job_id="j"))
+    assert not session.poll().finished and session.result is None
+    assert session.job_id == "j"
