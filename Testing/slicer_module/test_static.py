@@ -41,6 +41,30 @@ def test_static_check_finds_each_kind_of_problem(tmp_path):
     assert "does not parse" in _static_check().check(copy)[0]
 
 
+def test_static_check_finds_what_issue_14_fixed(tmp_path):
+    """The checks that guard the widget's fixes find each problem when it comes back (the widget
+    of before issue 14 had all of them: see the commit's report)."""
+    copy = tmp_path / "CTSliceInterp"
+    shutil.copytree(MODULE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    module = copy / "CTSliceInterp.py"
+    text = module.read_text()
+    text = text.replace("self.ui.showUncertaintyCheckBox.connect(", "self.ui.showUncertaintyCheckBox.disconnect(")
+    text = text.replace("self._setMethods([classical_choice()])", 'self._setMethods([(_("B-spline (classical)"), "bspline")])')
+    text = text.replace("        self.refreshMethods()\n        return False", "        return True")
+    text += ("\nimport concurrent.futures\nslicer.app.connect('aboutToQuit()', print)\n"
+             "class CTSliceInterpTest:\n    def runTest(self):\n        self.skipTest('no')\n"
+             "        installer.install(installer.plan_install())\n")
+    module.write_text(text)
+    ui = copy / "Resources" / "UI" / "CTSliceInterp.ui"
+    ui.write_text(ui.read_text().replace('<stringlist notr="true">', "<stringlist>"))
+    (copy / "CTSliceInterpLib" / "worker.py").write_text("import threading\nthreading.Thread(target=print).start()\n")
+    problems = "\n".join(_static_check().check(copy))
+    for expected in ("connects aboutToQuit", "spells the classical menu label", "does not refresh the method list",
+                     "checkbox does nothing after a run", "ThreadPoolExecutor", "lacks notr", "calls skipTest",
+                     "installs packages", "worker.py:2 starts a thread that is not a daemon"):
+        assert expected in problems, expected
+
+
 def test_module_file_is_valid_python_and_lib_has_no_qt():
     ast.parse((MODULE_DIR / "CTSliceInterp.py").read_text())
     for path in (MODULE_DIR / "CTSliceInterpLib").glob("*.py"):
