@@ -1,0 +1,313 @@
+"""Latent diffusion v2: residual diffusion around the regression estimate (not registered yet).
+
+In order (``ResidualDiffusionInterpolator.run``):
+1. the base: the ``regression`` method's output on the thin grid, without its consistency
+   correction (``RegressionInterpolator.run``), full HU range;
+2. the condition, per thin slice: the guided VAE's latent of the base, plus the thick slices'
+   latents (the same guide encoder) resampled linearly onto the thin positions, and the position
+   channels (``pipelines.diffusion.thin_positions``);
+3. the depth-preserving 3-D U-Net (``models.unet.UNet3D``, with a wider conditioning input)
+   samples the *residual* latent in overlapping depth chunks (``depth_chunks.blend_over_depth``);
+4. the guided decode: base + the decoder's correction, in HU, slice batches;
+5. the thick-slice consistency correction (``core.acquisition.consistency_correction``); nothing
+   is clipped anywhere (HU in, HU out).
+
+Two outputs: by default the **posterior mean**, the voxel-wise mean of
+``inference.mean_samples`` samples with their standard deviation as the uncertainty; ``samples=1``
+is **one realistic sample** (no uncertainty). An untrained U-Net predicts zero, so (v-prediction)
+the sampled residual latent is zero and, with an untrained decoder, the output is the base.
+
+A model folder holds ``residual_diffusion.json`` + ``residual_unet.safetensors`` (the U-Net and the
+schedule), the guided VAE (``guided_vae.json`` / ``.safetensors``, with its measured latent
+scales) and ``regression/`` (the base network it was trained with), so it is self-contained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..core.acquisition import consistency_correction
+from ..core.errors import GeometryError, InputError
+from ..core.progress import Reporter, as_reporter
+from ..core.volume import Geometry, Volume
+from ..models.configs import SAMPLERS, DiffusionConfig, UNetConfig
+from ..models.guided_vae import GuidedSliceVAE, GuidedVAEConfig
+from ..models.regression import ThroughPlaneNet
+from ..models.unet import UNet3D
+from .depth_chunks import blend_over_depth
+from .diffusion import RunningMoments, pad_in_plane, resample_depth, resolve_device, thin_positions
+from .regression import RegressionInterpolator
+
+CONFIG_FILE = "residual_diffusion.json"
+UNET_FILE = "residual_unet.safetensors"
+REGRESSION_FOLDER = "regression"
+
+
+@dataclass(frozen=True)
+class ResidualUNetConfig(UNetConfig):
+    """``models.unet``'s U-Net with a conditioning input of ``condition_channels`` (the base's
+    latent and the thick latents) instead of one latent's worth."""
+
+    condition_channels: int = 8
+
+    @property
+    def in_channels(self) -> int:
+        return self.latent_channels + self.condition_channels + self.position_channels
+
+
+@dataclass(frozen=True)
+class ResidualInferenceConfig:
+    sampler: str = "dpmpp"
+    steps: int = 8
+    mean_samples: int = 4  # samples averaged for the default (posterior-mean) output
+    chunk_depth: int = 32
+    chunk_overlap: int = 8
+    batch_slices: int = 4  # slices per guided VAE call
+    consistency_tolerance_hu: float = 1.0
+    consistency_max_iterations: int = 50
+
+
+@dataclass(frozen=True)
+class ResidualDiffusionConfig:
+    name: str = "custom"
+    vae: GuidedVAEConfig = field(default_factory=GuidedVAEConfig)
+    unet: ResidualUNetConfig = field(default_factory=ResidualUNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    inference: ResidualInferenceConfig = field(default_factory=ResidualInferenceConfig)
+
+    def __post_init__(self) -> None:
+        if self.unet.latent_channels != self.vae.latent_channels:
+            raise InputError(f"U-Net latent channels ({self.unet.latent_channels}) differ from the VAE's ({self.vae.latent_channels})")
+        if self.unet.condition_channels != 2 * self.vae.latent_channels:
+            raise InputError("the U-Net's condition is the base latent and the thick latent: "
+                             f"condition_channels must be {2 * self.vae.latent_channels}")
+        if self.inference.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.inference.sampler!r}")
+        if not 0 <= self.inference.chunk_overlap < self.inference.chunk_depth:
+            raise InputError("chunk overlap must be >= 0 and smaller than the chunk depth")
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae.downsampling_factor * self.unet.downsampling_factor
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResidualDiffusionConfig":
+        def build(kind, values):
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in (values or {}).items()})
+
+        try:
+            return cls(name=str(data.get("name", "custom")), vae=GuidedVAEConfig.from_dict(data.get("vae") or {}),
+                       unet=build(ResidualUNetConfig, data.get("unet")), diffusion=build(DiffusionConfig, data.get("diffusion")),
+                       inference=build(ResidualInferenceConfig, data.get("inference")))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid residual diffusion configuration: {exc}") from None
+
+
+def named_config(name: str) -> ResidualDiffusionConfig:
+    """``tiny`` (tests), ``default`` (the size to train on a CPU first)."""
+    if name == "tiny":
+        return ResidualDiffusionConfig(
+            name="tiny",
+            vae=GuidedVAEConfig(widths=(8, 16, 16), guide_widths=(8, 8, 16)),
+            unet=ResidualUNetConfig(base_channels=16, channel_mult=(1, 2), blocks_per_level=1, attention_levels=(1,),
+                                    attention_head_channels=16, norm_groups=8, conv="2+1d"),
+            inference=ResidualInferenceConfig(steps=4, mean_samples=3, chunk_depth=16, chunk_overlap=4),
+        )
+    if name == "default":
+        # U-Net as the shipped diffusion 'default' (2+1-D, base 16); VAE light at 1/2 because the
+        # decoder runs on every thin slice of every sample.
+        return ResidualDiffusionConfig(
+            name="default",
+            vae=GuidedVAEConfig(widths=(24, 48, 96), guide_widths=(16, 24, 48)),
+            unet=ResidualUNetConfig(base_channels=16, channel_mult=(1, 2, 4), blocks_per_level=1, attention_levels=(1, 2),
+                                    attention_head_channels=16, conv="2+1d", norm_groups=8),
+        )
+    raise InputError(f"unknown residual diffusion config {name!r}; choose tiny or default")
+
+
+# --- the model folder --------------------------------------------------------------------------
+def save_residual_model(folder: str | Path, vae: GuidedSliceVAE, regression: ThroughPlaneNet,
+                        config: ResidualDiffusionConfig, unet: Optional[UNet3D] = None, info: dict | None = None) -> Path:
+    """The guided VAE, its base network and (when trained) the U-Net, each file atomic."""
+    from safetensors.torch import load_file, save_file
+
+    from ..io.atomic import atomic_file
+
+    folder = Path(folder)
+    vae.save_pretrained(folder, info=info)
+    regression.save_pretrained(folder / REGRESSION_FOLDER)
+    if unet is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+        with atomic_file(folder / UNET_FILE) as tmp:
+            save_file(state, str(tmp))
+            if load_file(str(tmp)).keys() != state.keys():
+                raise OSError(f"the weights written to {tmp} do not read back")
+    with atomic_file(folder / CONFIG_FILE) as tmp:
+        Path(tmp).write_text(json.dumps({"config": config.to_dict(), "has_unet": unet is not None, "info": info or {}},
+                                        indent=2) + "\n")
+    return folder
+
+
+def load_residual_model(folder: str | Path, require_unet: bool = True):
+    """(config, guided VAE, regression network, U-Net or None) from a model folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    if not (folder / CONFIG_FILE).is_file():
+        raise InputError(f"no residual diffusion model in {str(folder)!r}: it holds no {CONFIG_FILE}")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    config = ResidualDiffusionConfig.from_dict(meta["config"])
+    vae = GuidedSliceVAE.from_pretrained(folder)
+    if vae.config != config.vae:
+        raise InputError(f"{folder}: the guided VAE's config differs from {CONFIG_FILE}'s")
+    regression = ThroughPlaneNet.from_pretrained(folder / REGRESSION_FOLDER)
+    unet = None
+    if (folder / UNET_FILE).is_file():
+        unet = UNet3D(config.unet)
+        unet.load_state_dict(load_file(str(folder / UNET_FILE)))
+        unet.eval()
+    elif require_unet:
+        raise InputError(f"{folder} holds a guided VAE without a trained U-Net: it cannot interpolate")
+    return config, vae, regression, unet
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+class ResidualDiffusionInterpolator:
+    """A loaded residual latent diffusion model. ``load(folder)``, then ``run``."""
+
+    def __init__(self, vae: GuidedSliceVAE, unet: UNet3D, regression: ThroughPlaneNet, config: ResidualDiffusionConfig,
+                 device="auto", name: str = ""):
+        self.config = config
+        self.device = resolve_device(device)
+        self.name = name or config.name
+        self.vae = vae.to(self.device).eval()
+        self.unet = unet.to(self.device).eval()
+        self.regression = RegressionInterpolator(regression, self.device, name=f"{self.name}/regression")
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, device="auto") -> "ResidualDiffusionInterpolator":
+        config, vae, regression, unet = load_residual_model(name_or_path)
+        return cls(vae, unet, regression, config, device, name=Path(name_or_path).name)
+
+    # --- stages on arrays (the training monitor calls them too) --------------------------------
+    def _slices(self, fn, arrays: list[np.ndarray], batch: int) -> torch.Tensor:
+        """``fn`` on (D, H, W) arrays in slice batches -> results concatenated along dim 0."""
+        parts = []
+        for start in range(0, arrays[0].shape[0], batch):
+            tensors = [torch.from_numpy(np.ascontiguousarray(a[start : start + batch], dtype=np.float32))[:, None]
+                       .to(self.device) for a in arrays]
+            parts.append(fn(*tensors).float())
+        return torch.cat(parts)
+
+    def condition(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        """(1, 2C, D, h, w): the scaled latents of the base slices and of the thick slices, the
+        latter resampled at continuous thick indices ``x``. Arrays padded to ``pixel_multiple``."""
+        batch, scale = self.config.inference.batch_slices, self.vae.condition_scale
+        base_z = self._slices(self.vae.base_latent, [base_hu], batch) * scale
+        thick_z = self._slices(self.vae.base_latent, [thick_hu], batch) * scale
+        thick_z = resample_depth(thick_z.permute(1, 0, 2, 3)[None], x)
+        return torch.cat([base_z.permute(1, 0, 2, 3)[None], thick_z], dim=1)
+
+    def sample_residual(self, condition: torch.Tensor, positions: torch.Tensor, sampler: str, steps: int,
+                        generator: torch.Generator, on_step=None) -> torch.Tensor:
+        from ..schedulers import sample, sampling_scheduler
+
+        inference = self.config.inference
+        scheduler = sampling_scheduler(sampler, self.config.diffusion)
+        shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            def one_chunk(start: int, stop: int) -> torch.Tensor:
+                return self.unet(x_t[:, :, start:stop], t, condition[:, :, start:stop], positions[:, :, start:stop])
+
+            return blend_over_depth(one_chunk, tuple(x_t.shape), inference.chunk_depth, inference.chunk_overlap, self.device)
+
+        return sample(denoise, shape, scheduler, steps, generator, self.device, on_step)
+
+    def decode(self, latents: torch.Tensor, base_hu: np.ndarray) -> np.ndarray:
+        """Scaled residual latents (1, C, D, h, w) and the padded base (D, H, W) -> HU (D, H, W)."""
+        batch = self.config.inference.batch_slices
+        z = (latents[0].permute(1, 0, 2, 3) / self.vae.latent_scale).contiguous()
+        out = np.empty(base_hu.shape, dtype=np.float32)
+        for start in range(0, base_hu.shape[0], batch):
+            base = torch.from_numpy(np.ascontiguousarray(base_hu[start : start + batch], dtype=np.float32))[:, None]
+            out[start : start + batch] = self.vae.decode(z[start : start + batch], base.to(self.device))[:, 0].cpu().numpy()
+        return out
+
+    # --- the whole pipeline ------------------------------------------------------------------
+    def run(self, volume: Volume, target: Geometry, steps: Optional[int] = None, sampler: Optional[str] = None,
+            samples: Optional[int] = None, consistency: bool = True, seed: Optional[int] = None,
+            reporter=None) -> tuple[Volume, Optional[Volume]]:
+        """The posterior mean (``samples`` None: ``inference.mean_samples`` samples) with its
+        per-voxel standard deviation, or with ``samples=1`` one sample and no uncertainty."""
+        reporter = as_reporter(reporter)
+        inference = self.config.inference
+        steps = int(steps or inference.steps)
+        sampler = sampler or inference.sampler
+        samples = int(inference.mean_samples if samples is None else samples)
+        self._check(volume, target, steps, sampler, samples)
+        timings = dict.fromkeys(("base", "condition", "sample", "decode", "consistency"), 0.0)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            base = self.regression.run(volume, target, consistency=False, reporter=reporter).array
+            timings["base"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            multiple = self.config.pixel_multiple
+            base_padded, (height, width) = pad_in_plane(base, multiple)
+            thick_padded, _ = pad_in_plane(np.asarray(volume.array, dtype=np.float32), multiple)
+            x, positions = thin_positions(volume.geometry, target)
+            condition = self.condition(base_padded, thick_padded, x)
+            positions = torch.from_numpy(positions)[None].to(self.device)
+            timings["condition"] = time.perf_counter() - t0
+            moments = RunningMoments()
+            for k in range(samples):
+                generator = torch.Generator()
+                if seed is None:
+                    generator.seed()
+                else:
+                    generator.manual_seed(int(seed) + k)
+                t0 = time.perf_counter()
+                latents = self.sample_residual(condition, positions, sampler, steps, generator,
+                                               lambda i, n, k=k: reporter.update("sample", k * steps + i, samples * steps))
+                timings["sample"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                result = self.decode(latents, base_padded)[:, :height, :width]
+                timings["decode"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if consistency:
+                    result, _ = consistency_correction(result, target, volume.array, volume.geometry, volume.slice_thickness,
+                                                       inference.consistency_tolerance_hu,
+                                                       inference.consistency_max_iterations, reporter)
+                timings["consistency"] += time.perf_counter() - t0
+                moments.add(result)
+        self.last_timings = timings
+        kind = "posterior mean" if samples > 1 else "one sample"
+        output = volume.derived(moments.mean, target, method="residual_diffusion", model=self.name, sampler=sampler,
+                                steps=steps, samples=samples, output=kind)
+        uncertainty = output.replace(moments.std(), quantity="standard deviation (HU)") if samples > 1 else None
+        return output, uncertainty
+
+    def _check(self, volume: Volume, target: Geometry, steps: int, sampler: str, samples: int) -> None:
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= steps <= self.config.diffusion.num_train_timesteps:
+            raise InputError(f"steps must be between 1 and {self.config.diffusion.num_train_timesteps}, got {steps}")
+        if samples < 1:
+            raise InputError(f"samples must be at least 1, got {samples}")
+        if volume.shape[0] < 2:
+            raise InputError("the input has a single slice: at least 2 slices are needed")
+        if tuple(target.shape[1:]) != tuple(volume.shape[1:]):
+            raise GeometryError("the target grid must share the input's in-plane grid")

@@ -1,0 +1,148 @@
+"""Train the residual diffusion U-Net (latent diffusion v2) with the guided VAE and the base frozen.
+
+    python Training/train_residual_diffusion.py --config Training/configs/residual_diffusion.yaml \
+        --set vae_checkpoint=runs/guided_vae/model --out runs/residual_diffusion
+    torchrun --nproc_per_node 4 Training/train_residual_diffusion.py ...            # multi-GPU
+    python Training/train_residual_diffusion.py ... --resume                          # continue exactly
+
+Each item is a run of thin slices with its base, made as inference makes it
+(``residual_data.ResidualRunDataset``). The target is the guided VAE's residual latent of the run
+(posterior mean, times the measured latent scale); the condition is the base's latent and the thick
+slices' latents resampled onto the thin positions, with the pipeline's own functions
+(``ResidualDiffusionInterpolator.condition``). The loss is ``diffusion_loss.diffusion_loss``: the
+min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on padded slices.
+
+Every epoch: the validation loss (fixed items and noise), then the monitor runs the sampler on fixed
+validation runs and scores the posterior mean of ``monitor.samples`` samples and one sample against
+B-spline and against the base (regression) on the same runs, full range and 40/400 window
+(``train_guided_vae.gain_metrics``). The EMA U-Net is exported with the VAE and the base network
+to ``OUT/model``, which ``ResidualDiffusionInterpolator.load`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import loop
+from loop import TrainingError, train_settings
+
+MONITOR_DEFAULTS = {"items": 4, "samples": 2, "steps": 8, "sampler": "dpmpp"}
+
+
+class ResidualDiffusionTask:
+    name = "residual_diffusion"
+
+    def __init__(self, config: dict, runtime: loop.Runtime, out: Path):
+        from ctsliceinterp.core.errors import InputError
+        from ctsliceinterp.models.unet import UNet3D
+        from ctsliceinterp.pipelines.regression import RegressionInterpolator
+        from ctsliceinterp.pipelines.residual_diffusion import ResidualDiffusionInterpolator, load_residual_model, named_config
+        from diffusion_loss import training_scheduler
+        from residual_data import ResidualRunDataset
+
+        if not config.get("vae_checkpoint"):
+            raise TrainingError("set vae_checkpoint (the guided VAE run's OUT/model folder) in the config or with "
+                                "--set vae_checkpoint=PATH")
+        try:
+            vae_config, vae, regression, _ = load_residual_model(config["vae_checkpoint"], require_unet=False)
+            named = named_config(str(config.get("model", vae_config.name)))
+        except InputError as exc:
+            raise TrainingError(str(exc)) from None
+        if named.vae != vae_config.vae:
+            raise TrainingError(f"the guided VAE checkpoint's network differs from the '{named.name}' config's VAE")
+        self.model_config = dataclasses.replace(named, vae=vae_config.vae)
+        self.device = runtime.device
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.regression_net = regression
+        self.model = UNet3D(self.model_config.unet)
+        self.scheduler = training_scheduler(self.model_config.diffusion)
+        # The pipeline's own conditioning (and, for the monitor, sampling and decoding) functions.
+        self.pipeline = ResidualDiffusionInterpolator(self.vae, self.model, copy.deepcopy(regression), self.model_config,
+                                                      device=self.device)
+        self.monitor = {**MONITOR_DEFAULTS, **(config.get("monitor") or {})}
+        settings = train_settings(config)
+        data = dict(config.get("data") or {})
+        if int(data.get("crop", 96)) % self.model_config.pixel_multiple:
+            raise TrainingError(f"data.crop must be a multiple of {self.model_config.pixel_multiple} for this model")
+        self.seed = int(settings["seed"])
+        base_network = RegressionInterpolator(copy.deepcopy(regression), "cpu")  # for the data workers
+        self.train_dataset = ResidualRunDataset(data, "train", base_network, self.seed)
+        self.val_dataset = ResidualRunDataset(data, "val", base_network, self.seed + 1, int(settings["val_items"]), fixed=True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.enable_gradient_checkpointing(True)
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target residual latents, condition), each (B, C, D, h, w), scaled as the pipeline scales."""
+        targets, conditions = [], []
+        for i in range(batch["truth"].shape[0]):
+            truth, base = batch["truth"][i].numpy(), batch["base"][i].numpy()
+            z = self.pipeline._slices(lambda t, b: self.vae.encode(t, b).mean, [truth, base], 8)
+            targets.append((z * self.vae.latent_scale).permute(1, 0, 2, 3)[None])
+            conditions.append(self.pipeline.condition(base, batch["thick"][i].numpy(), batch["x"][i].numpy()))
+        return torch.cat(targets), torch.cat(conditions)
+
+    def loss(self, model, batch: dict, device, generator=None):
+        from diffusion_loss import diffusion_loss
+
+        target, condition = self.latents(batch)
+        loss = diffusion_loss(model, target, condition, batch["positions"].to(device), self.scheduler,
+                              self.model_config.diffusion, depth_mask=batch["mask"].to(device), generator=generator)
+        return loss, {}
+
+    @torch.no_grad()
+    def validate(self, unet, epoch: int, out: Path, device) -> dict:
+        unet.eval()
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        losses = [float(self.loss(unet, self.val_dataset.collate(items[s : s + 4]), device, generator)[0])
+                  for s in range(0, len(items), 4)]
+        metrics = {"val_loss": float(np.mean(losses))}
+        metrics.update(self.sample_metrics(unet, items[: int(self.monitor["items"])]))
+        return metrics
+
+    def sample_metrics(self, unet, items: list[dict]) -> dict:
+        """The sampler on whole validation runs: posterior mean and one sample vs B-spline and base."""
+        from train_guided_vae import gain_metrics
+
+        pipeline = copy.copy(self.pipeline)
+        pipeline.unet = unet
+        steps, sampler, count = int(self.monitor["steps"]), str(self.monitor["sampler"]), int(self.monitor["samples"])
+        parts = {"truth": [], "bspline": [], "regression": [], "mean": [], "sample": []}
+        for index, item in enumerate(items):
+            base = item["base"].numpy()
+            condition = pipeline.condition(base, item["thick"].numpy(), item["x"].numpy())
+            positions = item["positions"][None].to(self.device)
+            decoded = []
+            for k in range(count):
+                generator = torch.Generator().manual_seed(self.seed + 1000 * index + k)
+                decoded.append(pipeline.decode(pipeline.sample_residual(condition, positions, sampler, steps, generator), base))
+            for key, value in zip(parts, (item["truth"].numpy(), item["bspline"].numpy(), base, np.mean(decoded, axis=0),
+                                          decoded[0])):
+                parts[key].append(value)
+        arrays = {key: np.stack(value) for key, value in parts.items()}
+        return gain_metrics(arrays.pop("truth"), arrays, prefix="val")
+
+    def export(self, unet, folder: Path, info: dict) -> None:
+        from ctsliceinterp.pipelines.residual_diffusion import save_residual_model
+
+        save_residual_model(folder, self.vae, self.regression_net, self.model_config, unet,
+                            {"trained": "residual_diffusion", "trained_steps": info.get("step"), **info})
+
+
+def build_task(config, runtime, out):
+    return ResidualDiffusionTask(config, runtime, out)
+
+
+def main(argv=None) -> int:
+    return loop.run_main(build_task, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
