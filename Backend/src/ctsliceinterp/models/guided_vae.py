@@ -35,6 +35,7 @@ from .vae import LatentDistribution
 
 WEIGHTS_FILE = "guided_vae.safetensors"
 CONFIG_FILE = "guided_vae.json"
+LOGVAR_INIT = -4.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class GuidedVAEConfig:
     # The regression network's input rule (pipelines.regression: ESTIMATE_RANGE, DIFFERENCE_LIMIT).
     input_range: tuple[float, float] = (-1.5, 3.5)
     residual_limit: float = 3.0
+    # Residuals are tens of HU: the encoder sees them, and the decoder's correction comes out, in
+    # units of hu_scale / residual_gain (100 HU), so that a latent that small is not drowned in the
+    # posterior's noise, and a first optimiser step does not move the output by hundreds of HU.
+    residual_gain: float = 10.0
 
     @property
     def downsampling_factor(self) -> int:
@@ -150,6 +155,8 @@ class GuidedSliceVAE(nn.Module):
         self.decode0 = _blocks(w0 + g0, w0, config.blocks)
         self.head = nn.Sequential(ChannelNorm(w0), nn.SiLU(), nn.Conv2d(w0, 4, 3, padding=1))
         self.unfold = nn.PixelShuffle(2)
+        # The posterior starts narrow (std 0.14), so the latent's signal is not lost in its noise.
+        nn.init.constant_(self.encoder[-1].bias[c:], LOGVAR_INIT)
         nn.init.zeros_(self.head[-1].weight)  # an untrained decoder returns the base
         nn.init.zeros_(self.head[-1].bias)
         self.register_buffer("latent_scale", torch.ones(()))
@@ -168,6 +175,7 @@ class GuidedSliceVAE(nn.Module):
         self._check(thin_hu, "encode")
         limit = self.config.residual_limit
         residual = ((thin_hu.float() - base_hu.float()) / self.config.hu_scale).clamp(-limit, limit)
+        residual = residual * self.config.residual_gain
         inputs = torch.cat([self.encode_fold(residual), self.encode_fold(self._base_units(base_hu))], dim=1)
         mean, logvar = self.encoder(inputs).chunk(2, dim=1)
         return LatentDistribution(mean, logvar.clamp(-30.0, 20.0))
@@ -185,7 +193,8 @@ class GuidedSliceVAE(nn.Module):
         h = self.decode_mid(self.decode_in(torch.cat([z.to(base_z.dtype), base_z], dim=1)))
         h = self.decode1(torch.cat([self.up1(F.interpolate(h, scale_factor=2.0, mode="nearest")), f1], dim=1))
         h = self.decode0(torch.cat([self.up0(F.interpolate(h, scale_factor=2.0, mode="nearest")), f0], dim=1))
-        correction = self.unfold(self.head(h)).float() * self.config.hu_scale
+        # The correction comes out in the encoder's residual units (about 100 HU), as it went in.
+        correction = self.unfold(self.head(h)).float() * (self.config.hu_scale / self.config.residual_gain)
         return base_hu.float() + correction  # the base unclipped: HU outside any range survive
 
     def forward(self, thin_hu: torch.Tensor, base_hu: torch.Tensor, generator: torch.Generator | None = None):
