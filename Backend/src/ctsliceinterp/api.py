@@ -76,6 +76,7 @@ METHODS: dict[str, Method] = {
     )
 }
 CLASSICAL_METHODS = tuple(name for name, method in METHODS.items() if method.classical)
+SHIPPED_MODELS = tuple(method.default_model for method in METHODS.values() if method.default_model)
 
 # ``InterpolationRequest.method`` on a client: let the server choose (its default model, else B-spline).
 SERVER_DEFAULT = ""

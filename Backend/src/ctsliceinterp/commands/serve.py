@@ -12,9 +12,10 @@ DEFAULT_PORT = 8000
 def configure_parser(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="diffusion model to serve and keep loaded (repeatable; default: the shipped model 'default')")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="model of a learned method to serve and keep loaded: a shipped name or a checkpoint folder "
+                        "(repeatable; default: the shipped models, 'regression' and 'default')")
     parser.add_argument("--no-default-model", action="store_true", help="without --model, serve the classical methods only")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for diffusion models (default auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for the learned methods' models (default auto)")
     parser.add_argument("--token-file", metavar="F", help="file whose first line is the bearer token (or set CTSLICEINTERP_TOKEN)")
     parser.add_argument("--ssl-certfile", metavar="F", help="TLS certificate (PEM); serve HTTPS")
     parser.add_argument("--ssl-keyfile", metavar="F", help="TLS private key (PEM)")
@@ -40,7 +41,7 @@ def server_config(args):
     import logging
     import os
 
-    from ..api import DEFAULT_MODEL, shipped_model_available
+    from ..api import SHIPPED_MODELS, shipped_model_available
     from ..core.errors import InputError
     from ..serving.access import read_token
     from ..serving.server import ServerConfig
@@ -60,8 +61,8 @@ def server_config(args):
         raise InputError("--max-upload-mb and --max-held-gb must be > 0, and --queue-size >= 1")
     logging.getLogger("ctsliceinterp.serving.server").setLevel(args.log_level.upper())
     models = list(args.model)
-    if not models and not args.no_default_model and shipped_model_available():
-        models = [DEFAULT_MODEL]
+    if not models and not args.no_default_model:
+        models = [name for name in SHIPPED_MODELS if shipped_model_available(name)]
     return ServerConfig(
         host=args.host, port=args.port, token=token, models=models, device=args.device,
         max_upload_bytes=int(args.max_upload_mb * MiB), queue_size=args.queue_size, result_ttl_seconds=args.result_ttl,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from ...api import CLASSICAL_FALLBACK, DIFFUSION_METHOD, InterpolationRequest, target_geometry
+from ...api import CLASSICAL_FALLBACK, InterpolationRequest, get_method, target_geometry
 from ...core.errors import CTSliceInterpError, InputError
 from ...core.volume import Geometry, Volume
 from ...io.validate import label_map_reason
@@ -96,12 +96,12 @@ def _split(body, content_type: str, multipart: bool, request: Request):
 
 
 def _job_request(params_text, state: ServerState) -> InterpolationRequest:
-    default_method = DIFFUSION_METHOD if state.registry.default_name() else CLASSICAL_FALLBACK
+    default_method = state.registry.default_method() or CLASSICAL_FALLBACK
     job_request = InterpolationRequest.from_params(parse_params(params_text), state.registry.device, default_method)
     if job_request.target is not None:  # before the grid is built: its size alone may be refused
         _check_output_size(job_request.target.shape, job_request.samples, state.config.max_output_voxels)
-    if job_request.method == DIFFUSION_METHOD:
-        job_request.model = state.registry.check(job_request.model)
+    if not get_method(job_request.method).classical:
+        job_request.model = state.registry.check(job_request.method, job_request.model)
     return job_request
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from ...core.errors import Cancelled, CTSliceInterpError
 from ...core.progress import ProgressEvent
-from ...api import DIFFUSION_METHOD, InterpolationRequest, InterpolationResult, interpolate
+from ...api import InterpolationRequest, InterpolationResult, get_method, interpolate
 from ...core.volume import Geometry, Volume
 from .config import ServerConfig
 from .models import ModelRegistry
@@ -317,8 +317,8 @@ class JobManager:
 
         try:
             interpolator = None
-            if job.request.method == DIFFUSION_METHOD:
-                interpolator = self.registry.get(job.request.model)
+            if not get_method(job.request.method).classical:
+                interpolator = self.registry.get(job.request.method, job.request.model)
             result = interpolate(job.volume, job.request, progress=progress, cancel=job.cancel, interpolator=interpolator)
         except Cancelled:
             self._finish(job, CANCELLED, None, None)

@@ -1,11 +1,11 @@
-"""Diffusion models kept loaded between jobs.
+"""Models of the learned methods (regression, diffusion), kept loaded between jobs.
 
 The registry knows the models the operator named with ``--model`` (a name or a checkpoint
-folder). Clients choose among those by name only, so a request can never make the server load
-an arbitrary path. A model loads on first use (or at start-up with ``preload``) through
-``api.load_model`` (the diffusion pipeline's ``Interpolator.load``) and then stays in memory.
-When the pipeline module (or torch) is not there, the server still starts and serves the
-classical methods; diffusion requests get a clear 4xx instead.
+folder); each model's method is read from its folder (``model_method``). Clients choose among
+those by method and name only, so a request can never make the server load an arbitrary path. A
+model loads on first use (or at start-up with ``preload``) through ``api.load_model`` and then stays
+in memory. When a method's pipeline module (or torch) is not there, the server still starts and
+serves the classical methods; requests for that method get a clear 4xx instead.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ...api import CLASSICAL_METHODS, DIFFUSION_METHOD, METHODS, load_model
+from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, METHODS, get_method, load_model
 from ...core.errors import InputError
+from ...models import WEIGHTS_DIR
 
 log = logging.getLogger("ctsliceinterp.serving.server")
+
+# The file that marks a checkpoint folder of each learned method.
+CHECKPOINT_MARKERS = {"regression": "regression.json", "diffusion": "model.json"}
 
 
 def model_name(spec: str) -> str:
@@ -28,9 +32,19 @@ def model_name(spec: str) -> str:
     return path.name if (path.exists() or "/" in spec or "\\" in spec) else spec
 
 
-def pipeline_available() -> bool:
+def model_method(spec: str) -> str:
+    """The learned method a model folder (or a shipped model's name) belongs to."""
+    path = Path(spec).expanduser()
+    folder = path if path.is_dir() else WEIGHTS_DIR / spec
+    for method, marker in CHECKPOINT_MARKERS.items():
+        if (folder / marker).is_file():
+            return method
+    raise InputError(f"--model {spec}: not a shipped model nor a folder holding {' or '.join(CHECKPOINT_MARKERS.values())}")
+
+
+def pipeline_available(method: str) -> bool:
     try:
-        return importlib.util.find_spec(METHODS[DIFFUSION_METHOD].pipeline.partition(":")[0]) is not None
+        return importlib.util.find_spec(METHODS[method].pipeline.partition(":")[0]) is not None
     except (ImportError, ValueError):
         return False
 
@@ -40,6 +54,7 @@ class ModelRegistry:
         self.specs = {model_name(spec): spec for spec in specs}
         if len(self.specs) != len(specs):
             raise InputError("two --model arguments have the same name; give checkpoint folders distinct names")
+        self.methods = {name: model_method(spec) for name, spec in self.specs.items()}
         self.requested_device = device
         self._device: Optional[str] = None
         self._loaded: dict[str, Any] = {}
@@ -65,30 +80,38 @@ class ModelRegistry:
                     self._device = "cpu"
         return self._device
 
-    def default_name(self) -> Optional[str]:
-        return next(iter(self.specs), None)
+    def default_name(self, method: str) -> Optional[str]:
+        """The first model served for ``method``."""
+        return next((name for name, m in self.methods.items() if m == method), None)
+
+    def default_method(self) -> Optional[str]:
+        """The learned method a request without one gets: the package's default when served, else
+        the first served; None when no model is served."""
+        served = list(dict.fromkeys(self.methods.values()))
+        return DEFAULT_METHOD if DEFAULT_METHOD in served else next(iter(served), None)
 
     # --- lookup and loading ---------------------------------------------------------------
-    def check(self, name: Optional[str]) -> str:
-        """The model a diffusion request will use; ``InputError`` when this server cannot."""
-        if not pipeline_available():
-            raise InputError("diffusion is not available on this server (the model pipeline is not installed); use a classical method")
-        if not self.specs:
-            raise InputError("this server serves no diffusion model; start it with --model NAME|PATH, or use a classical method")
-        name = name or self.default_name()
-        if name not in self.specs:
-            raise InputError(f"unknown model {name!r}; this server serves {', '.join(self.specs)}")
+    def check(self, method: str, name: Optional[str]) -> str:
+        """The model a request for the learned ``method`` will use; ``InputError`` when this server cannot."""
+        if not pipeline_available(method):
+            raise InputError(f"{method} is not available on this server (its pipeline is not installed); use a classical method")
+        name = name or self.default_name(method)
+        if name is None:
+            raise InputError(f"this server serves no {method} model; start it with --model NAME|PATH, or use a classical method")
+        if self.methods.get(name) != method:
+            served = [n for n, m in self.methods.items() if m == method]
+            raise InputError(f"unknown {method} model {name!r}; this server serves {', '.join(served) or 'none'}")
         if name in self._errors:
             raise InputError(f"model {name!r} failed to load on this server: {self._errors[name]}")
         return name
 
-    def get(self, name: Optional[str]) -> Any:
-        name = self.check(name)
+    def get(self, method: str, name: Optional[str]) -> Any:
+        name = self.check(method, name)
         with self._lock:  # one load at a time; later jobs reuse the loaded model
             if name not in self._loaded:
                 log.info("loading model %s on %s", name, self.device)
                 try:
-                    self._loaded[name] = load_model(DIFFUSION_METHOD, self.specs[name], self.device)
+                    self._loaded[name] = load_model(method, self.specs[name], self.device)
                 except Exception as exc:  # noqa: BLE001 - reported to clients, server keeps serving
                     self._errors[name] = f"{type(exc).__name__}: {exc}"
                     log.error("model %s failed to load: %s", name, self._errors[name])
@@ -97,13 +120,12 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Load every configured model now (the worker thread calls this at start-up)."""
-        if not pipeline_available():
-            if self.specs:
-                log.error("--model given but the diffusion pipeline is not installed; serving classical methods only")
-            return
-        for name in self.specs:
+        for name, method in self.methods.items():
+            if not pipeline_available(method):
+                log.error("--model %s: the %s pipeline is not installed; not served", name, method)
+                continue
             try:
-                self.get(name)
+                self.get(method, name)
             except InputError:
                 pass  # recorded in _errors and shown by /v1/models
 
@@ -114,20 +136,21 @@ class ModelRegistry:
              "device": "cpu", "kind": "classical", "method": method, "loaded": True}
             for method in CLASSICAL_METHODS
         ]
-        for name in self.specs:
+        for name, method in self.methods.items():
             model = self._loaded.get(name)
+            inference = getattr(getattr(model, "config", None), "inference", None)  # diffusion models only
             entry = {
                 "name": name,
-                "description": f"{METHODS[DIFFUSION_METHOD].description} (model {name})",
-                "default_steps": model.config.inference.steps if model is not None else None,
-                "device": self.device if pipeline_available() else None,
-                "kind": "diffusion",
-                "method": DIFFUSION_METHOD,
+                "description": f"{get_method(method).description} (model {name})",
+                "default_steps": inference.steps if inference is not None else None,
+                "device": self.device if pipeline_available(method) else None,
+                "kind": method,
+                "method": method,
                 "loaded": model is not None,
             }
             if name in self._errors:
                 entry["error"] = self._errors[name]
-            elif not pipeline_available():
-                entry["error"] = "the diffusion pipeline is not installed on this server"
+            elif not pipeline_available(method):
+                entry["error"] = f"the {method} pipeline is not installed on this server"
             entries.append(entry)
         return entries
