@@ -15,7 +15,8 @@ min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on
 Every epoch: the validation loss (fixed items and noise), then the monitor runs the sampler on fixed
 validation runs and scores the posterior mean of ``monitor.samples`` samples and one sample against
 B-spline and against the base (regression) on the same runs, full range and 40/400 window
-(``train_guided_vae.gain_metrics``). The EMA U-Net is exported with the VAE and the base network
+(``train_guided_vae.gain_metrics``), and the correlation between the samples' per-voxel standard
+deviation and the mean's absolute error (does the uncertainty track the error?). The EMA U-Net is exported with the VAE and the base network
 to ``OUT/model``, which ``ResidualDiffusionInterpolator.load`` reads.
 """
 
@@ -83,7 +84,7 @@ class ResidualDiffusionTask:
         targets, conditions = [], []
         for i in range(batch["truth"].shape[0]):
             truth, base = batch["truth"][i].numpy(), batch["base"][i].numpy()
-            z = self.pipeline._slices(lambda t, b: self.vae.encode(t, b).mean, [truth, base], 8)
+            z = self.pipeline.in_slice_batches(lambda t, b: self.vae.encode(t, b).mean, [truth, base], 8)
             targets.append((z * self.vae.latent_scale).permute(1, 0, 2, 3)[None])
             conditions.append(self.pipeline.condition(base, batch["thick"][i].numpy(), batch["x"][i].numpy()))
         return torch.cat(targets), torch.cat(conditions)
@@ -114,7 +115,7 @@ class ResidualDiffusionTask:
         pipeline = copy.copy(self.pipeline)
         pipeline.unet = unet
         steps, sampler, count = int(self.monitor["steps"]), str(self.monitor["sampler"]), int(self.monitor["samples"])
-        parts = {"truth": [], "bspline": [], "regression": [], "mean": [], "sample": []}
+        parts = {"truth": [], "bspline": [], "regression": [], "mean": [], "sample": [], "std": []}
         for index, item in enumerate(items):
             base = item["base"].numpy()
             condition = pipeline.condition(base, item["thick"].numpy(), item["x"].numpy())
@@ -124,10 +125,15 @@ class ResidualDiffusionTask:
                 generator = torch.Generator().manual_seed(self.seed + 1000 * index + k)
                 decoded.append(pipeline.decode(pipeline.sample_residual(condition, positions, sampler, steps, generator), base))
             for key, value in zip(parts, (item["truth"].numpy(), item["bspline"].numpy(), base, np.mean(decoded, axis=0),
-                                          decoded[0])):
+                                          decoded[0], np.std(decoded, axis=0, ddof=min(1, count - 1)))):
                 parts[key].append(value)
         arrays = {key: np.stack(value) for key, value in parts.items()}
-        return gain_metrics(arrays.pop("truth"), arrays, prefix="val")
+        metrics = gain_metrics(arrays["truth"], {k: v for k, v in arrays.items() if k not in ("truth", "std")},
+                               prefix="val")
+        if count > 1 and arrays["std"].std() > 0:  # does the uncertainty track the error? (issue 13 point 4)
+            error = np.abs(arrays["mean"] - arrays["truth"]).ravel()
+            metrics["val_std_error_correlation"] = float(np.corrcoef(arrays["std"].ravel(), error)[0, 1])
+        return metrics
 
     def export(self, unet, folder: Path, info: dict) -> None:
         from ctsliceinterp.pipelines.residual_diffusion import save_residual_model

@@ -114,7 +114,7 @@ def trained_folders(tmp_path_factory):
     diffusion_args = ["--config", str(REPO_ROOT / "Training" / "configs" / "residual_diffusion.yaml"),
                       "--out", str(root / "diffusion"), "--set", f"vae_checkpoint={root / 'vae' / 'model'}",
                       "--set", f"data={_run_data()}", "--set", "train.batch_size=1",
-                      "--set", "monitor.items=1", "--set", "monitor.steps=2", *common]
+                      "--set", "monitor.items=1", "--set", "monitor.steps=2", "--set", "monitor.samples=2", *common]
     assert train_residual_diffusion.main(diffusion_args + ["--max-steps", "2"]) == 0
     assert train_residual_diffusion.main(diffusion_args + ["--max-steps", "4", "--resume"]) == 0
     return root
@@ -131,7 +131,7 @@ def test_training_scripts_run_resume_export_and_the_pipeline_loads_the_result(tr
     val = [r for r in log if r["kind"] == "val"][-1]
     assert val["step"] == 4
     for key in ("val_mean_gain_over_bspline_db", "val_mean_gain_over_regression_db_window",
-                "val_sample_gain_over_regression_db", "val_loss"):
+                "val_sample_gain_over_regression_db", "val_loss", "val_std_error_correlation"):
         assert np.isfinite(val[key]), key
     model = ResidualDiffusionInterpolator.load(trained_folders / "diffusion" / "model", device="cpu")
     assert model.vae.config == TINY.vae and float(model.vae.latent_scale) == pytest.approx(vae_info["latent_scale"])

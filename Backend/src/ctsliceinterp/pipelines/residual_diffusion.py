@@ -203,7 +203,7 @@ class ResidualDiffusionInterpolator:
         return cls(vae, unet, regression, config, device, name=Path(name_or_path).name)
 
     # --- stages on arrays (the training monitor calls them too) --------------------------------
-    def _slices(self, fn, arrays: list[np.ndarray], batch: int) -> torch.Tensor:
+    def in_slice_batches(self, fn, arrays: list[np.ndarray], batch: int) -> torch.Tensor:
         """``fn`` on (D, H, W) arrays in slice batches -> results concatenated along dim 0."""
         parts = []
         for start in range(0, arrays[0].shape[0], batch):
@@ -216,8 +216,8 @@ class ResidualDiffusionInterpolator:
         """(1, 2C, D, h, w): the scaled latents of the base slices and of the thick slices, the
         latter resampled at continuous thick indices ``x``. Arrays padded to ``pixel_multiple``."""
         batch, scale = self.config.inference.batch_slices, self.vae.condition_scale
-        base_z = self._slices(self.vae.base_latent, [base_hu], batch) * scale
-        thick_z = self._slices(self.vae.base_latent, [thick_hu], batch) * scale
+        base_z = self.in_slice_batches(self.vae.base_latent, [base_hu], batch) * scale
+        thick_z = self.in_slice_batches(self.vae.base_latent, [thick_hu], batch) * scale
         thick_z = resample_depth(thick_z.permute(1, 0, 2, 3)[None], x)
         return torch.cat([base_z.permute(1, 0, 2, 3)[None], thick_z], dim=1)
 
