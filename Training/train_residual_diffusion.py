@@ -54,9 +54,12 @@ class ResidualDiffusionTask:
             named = named_config(str(config.get("model", vae_config.name)))
         except InputError as exc:
             raise TrainingError(str(exc)) from None
-        if named.vae != vae_config.vae:
-            raise TrainingError(f"the guided VAE checkpoint's network differs from the '{named.name}' config's VAE")
-        self.model_config = dataclasses.replace(named, vae=vae_config.vae)
+        # The VAE is the checkpoint's (with any overrides it was trained with); U-Net, schedule and
+        # inference settings come from the named config.
+        try:
+            self.model_config = dataclasses.replace(named, vae=vae_config.vae)
+        except InputError as exc:
+            raise TrainingError(str(exc)) from None
         self.device = runtime.device
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.regression_net = regression
