@@ -133,6 +133,12 @@ def test_training_scripts_run_resume_export_and_the_pipeline_loads_the_result(tr
     for key in ("val_mean_gain_over_bspline_db", "val_mean_gain_over_regression_db_window",
                 "val_sample_gain_over_regression_db", "val_loss", "val_std_error_correlation"):
         assert np.isfinite(val[key]), key
+    from ctsliceinterp.core.errors import InputError
+
+    with pytest.raises(InputError, match="without a trained U-Net"):
+        ResidualDiffusionInterpolator.load(trained_folders / "vae" / "model", device="cpu")
+    with pytest.raises(InputError, match="no residual diffusion model 'no-such-model'"):
+        ResidualDiffusionInterpolator.load("no-such-model", device="cpu")
     model = ResidualDiffusionInterpolator.load(trained_folders / "diffusion" / "model", device="cpu")
     assert model.vae.config == TINY.vae and float(model.vae.latent_scale) == pytest.approx(vae_info["latent_scale"])
     thick = read_volume(SAMPLE)

@@ -161,12 +161,18 @@ def save_residual_model(folder: str | Path, vae: GuidedSliceVAE, regression: Thr
 
 
 def load_residual_model(folder: str | Path, require_unet: bool = True):
-    """(config, guided VAE, regression network, U-Net or None) from a model folder."""
+    """(config, guided VAE, regression network, U-Net or None) from a model folder or the name of a
+    shipped one (``models/weights/<name>``)."""
     from safetensors.torch import load_file
 
+    from ..models import WEIGHTS_DIR
+
+    given = str(folder)
     folder = Path(folder).expanduser()
+    if not (folder / CONFIG_FILE).is_file() and (WEIGHTS_DIR / given / CONFIG_FILE).is_file():
+        folder = WEIGHTS_DIR / given
     if not (folder / CONFIG_FILE).is_file():
-        raise InputError(f"no residual diffusion model in {str(folder)!r}: it holds no {CONFIG_FILE}")
+        raise InputError(f"no residual diffusion model {given!r}: give a shipped name or a folder holding {CONFIG_FILE}")
     meta = json.loads((folder / CONFIG_FILE).read_text())
     config = ResidualDiffusionConfig.from_dict(meta["config"])
     vae = GuidedSliceVAE.from_pretrained(folder)
