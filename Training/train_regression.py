@@ -21,15 +21,15 @@ import torch
 import loop
 from loop import TrainingError, train_settings
 
-from ctsliceinterp.evaluation.metrics import SOFT_TISSUE_WINDOW, psnr, to_unit_range, window_to_unit_range
+from ctsliceinterp.evaluation.metrics import psnr, to_unit_range, window_bounds, window_to_unit_range
 from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet, parameter_count
 
 WINDOW_WEIGHT = 1.5  # extra L1 weight on voxels whose truth lies in the soft-tissue window
 
 
 def window_mask(hu: torch.Tensor) -> torch.Tensor:
-    centre, width = SOFT_TISSUE_WINDOW
-    return ((hu >= centre - width / 2) & (hu <= centre + width / 2)).float()
+    low, high = window_bounds()
+    return ((hu >= low) & (hu <= high)).float()
 
 
 def monitor_metrics(estimate_hu: np.ndarray, output_hu: np.ndarray, truth_hu: np.ndarray) -> dict[str, float]:

@@ -19,11 +19,11 @@ ensure_backend_importable()
 # The request contract and the method registry (numpy only: no torch, no scipy).
 from ctsliceinterp.api import (  # noqa: E402
     CLASSICAL_FALLBACK,
-    DEFAULT_MODEL,
     DIFFUSION_METHOD,
     METHODS,
     InterpolationRequest,
 )
+from ctsliceinterp.api import DEFAULT_METHOD as BACKEND_DEFAULT_METHOD  # noqa: E402
 from ctsliceinterp.core.errors import CTSliceInterpError, InputError  # noqa: E402
 
 from . import installer, layout, nodes  # noqa: E402
@@ -31,9 +31,9 @@ from .i18n import tr as _  # noqa: E402
 from .local_backend import LocalBackend, shared_local_backend  # noqa: E402
 from .session import ProcessingSession, ServerTarget, SessionStatus, check_ca_file  # noqa: E402
 
-# The menu's choice for the shipped diffusion model: the local backend and `ctsliceinterp serve`
-# serve it under this name.
-DEFAULT_METHOD = DEFAULT_MODEL
+# The menu's default choice: the backend's default method (its shipped model), which the local
+# backend and `ctsliceinterp serve` serve by default.
+DEFAULT_METHOD = BACKEND_DEFAULT_METHOD
 UNCERTAINTY_REFERENCE = "CTSliceInterpUncertainty"
 
 

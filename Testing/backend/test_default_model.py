@@ -1,4 +1,5 @@
-"""The shipped default model: it is the default method and runs end to end on the bundled sample."""
+"""The shipped models: regression is the default method (the best on held-out CT), and the shipped
+diffusion model runs end to end on the bundled sample."""
 
 import numpy as np
 import pytest
@@ -10,9 +11,10 @@ from ctsliceinterp.io import read_volume
 pytestmark = pytest.mark.skipif(not api.shipped_model_available(), reason="this build ships no default model weights")
 
 
-def test_default_method_is_the_shipped_diffusion_model():
-    assert api.DEFAULT_METHOD == api.DIFFUSION_METHOD
-    assert api.InterpolationRequest().method == api.DIFFUSION_METHOD
+def test_default_method_is_the_shipped_regression_network():
+    assert api.shipped_model_available(api.REGRESSION_MODEL)
+    assert api.DEFAULT_METHOD == api.REGRESSION_METHOD
+    assert api.InterpolationRequest().method == api.REGRESSION_METHOD
 
 
 def test_shipped_model_loads_and_interpolates_a_crop_of_the_sample(repo_root):
@@ -27,7 +29,7 @@ def test_shipped_model_loads_and_interpolates_a_crop_of_the_sample(repo_root):
     origin = thick.geometry.index_to_physical([200, 200, 0])
     crop = Volume(np.ascontiguousarray(thick.array[:6, 200:264, 200:264]),
                   Geometry((6, 64, 64), thick.spacing, tuple(origin), thick.direction))
-    result = api.interpolate(crop, api.InterpolationRequest(steps=2, seed=0))
+    result = api.interpolate(crop, api.InterpolationRequest(method=api.DIFFUSION_METHOD, steps=2, seed=0))
     out = result.volume
     assert out.shape == (26, 64, 64)
     assert np.allclose(out.geometry.index_to_physical([0, 0, 5]), crop.geometry.index_to_physical([0, 0, 1]))

@@ -210,3 +210,15 @@ def test_k8s_manifest_runs_the_regression_script_with_torchrun_on_the_pvc():
     command = " ".join(pod["containers"][0]["args"])
     assert "torchrun" in command and "Training/train_regression.py" in command and "--resume" in command
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
+
+
+def test_a_regression_model_named_alone_selects_its_method(tmp_path):
+    from ctsliceinterp.cli import build_parser
+    from ctsliceinterp.commands.interpolate import build_request
+
+    folder = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8))).save_pretrained(tmp_path / "my_net")
+    for model in ("regression", str(folder)):
+        args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", model])
+        assert build_request(args).method == "regression"
+    args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "default"])
+    assert build_request(args).method == "diffusion"

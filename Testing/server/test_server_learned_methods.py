@@ -11,7 +11,8 @@ from ctsliceinterp.api import InterpolationRequest, interpolate
 from ctsliceinterp.core.errors import InputError
 from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.serving.client import Client, InputRejected
-from ctsliceinterp.serving.server.models import ModelRegistry, model_method
+from ctsliceinterp.api import model_method
+from ctsliceinterp.serving.server.models import ModelRegistry
 from live_server import start_server  # noqa: F401 - fixture
 from test_server import assert_same_volume
 
@@ -26,6 +27,8 @@ def test_each_model_knows_its_method_and_the_default_is_the_packages():
     assert model_method("regression") == "regression" and model_method("default") == "diffusion"
     with pytest.raises(InputError, match="not a shipped model"):
         model_method("no-such-model")
+    with pytest.raises(InputError, match="not a shipped model"):
+        ModelRegistry(["no-such-model"])
     registry = ModelRegistry(["default", "regression"], device="cpu")
     from ctsliceinterp.api import DEFAULT_METHOD
 

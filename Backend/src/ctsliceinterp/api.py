@@ -10,9 +10,9 @@ pipeline is imported only when that method runs), so any Python with numpy can u
 from __future__ import annotations
 
 import importlib
-import math
 import re
 import threading
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,13 +33,15 @@ class Method:
     ``"module:Class"``: ``Class.load(model, device=..., **request.extra)`` returns a loaded model
     whose ``run(volume, target, reporter=..., **options)`` returns the output Volume, or
     ``(output, uncertainty)``. ``options`` are the request fields the method takes;
-    ``default_model`` is the shipped model used when the request names none."""
+    ``default_model`` is the shipped model used when the request names none; ``checkpoint_file``
+    is the file that marks a model folder of this method."""
 
     name: str
     description: str
     pipeline: Optional[str] = None
     default_model: Optional[str] = None
     options: tuple[str, ...] = ()
+    checkpoint_file: Optional[str] = None
 
     @property
     def classical(self) -> bool:
@@ -51,7 +53,8 @@ REGRESSION_MODEL = "regression"  # the network shipped in ctsliceinterp/models/w
 DIFFUSION_METHOD = "diffusion"
 CLASSICAL_FALLBACK = "bspline"  # the default when no learned default model ships
 DEFAULT_MODEL = "default"  # the diffusion model shipped in ctsliceinterp/models/weights/default
-DEFAULT_LEARNED_METHOD = DIFFUSION_METHOD  # the default when its shipped model is installed
+# The default when its shipped model is installed: the best method on held-out CT (docs/quality.md).
+DEFAULT_LEARNED_METHOD = REGRESSION_METHOD
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -65,6 +68,7 @@ METHODS: dict[str, Method] = {
             pipeline="ctsliceinterp.pipelines.regression:RegressionInterpolator",
             default_model=REGRESSION_MODEL,
             options=("consistency",),
+            checkpoint_file="regression.json",
         ),
         Method(
             DIFFUSION_METHOD,
@@ -72,6 +76,7 @@ METHODS: dict[str, Method] = {
             pipeline="ctsliceinterp.pipelines.diffusion:Interpolator",
             default_model=DEFAULT_MODEL,
             options=("steps", "sampler", "samples", "consistency", "seed"),
+            checkpoint_file="model.json",
         ),
     )
 }
@@ -94,10 +99,24 @@ def get_method(name: str) -> Method:
     return method
 
 
+def model_method(model: str) -> str:
+    """The learned method a model belongs to: a shipped model's name or a checkpoint folder,
+    recognised by its method's ``checkpoint_file`` (no torch)."""
+    path = Path(model).expanduser()
+    folder = path if path.is_dir() else WEIGHTS_DIR / str(model)
+    for method in METHODS.values():
+        if method.checkpoint_file and (folder / method.checkpoint_file).is_file():
+            return method.name
+    markers = " or ".join(m.checkpoint_file for m in METHODS.values() if m.checkpoint_file)
+    raise InputError(f"model {str(model)[:80]!r}: not a shipped model nor a folder holding {markers}")
+
+
 def shipped_model_available(name: str = DEFAULT_MODEL) -> bool:
     """True when the package carries the named model's weights (checked without importing torch)."""
-    folder = WEIGHTS_DIR / name
-    return folder.is_dir() and any(folder.glob("*.json"))
+    try:
+        return (WEIGHTS_DIR / name).is_dir() and model_method(name) is not None
+    except InputError:
+        return False
 
 
 def default_method() -> str:
@@ -259,7 +278,7 @@ def interpolate(
 
             corrected, _ = consistency_correction(output.array, target, volume.array, volume.geometry,
                                                   volume.slice_thickness, reporter=reporter)
-            output = Volume(corrected, target, {**output.metadata, "consistency": True})
+            output = output.replace(corrected, consistency=True)
         result = InterpolationResult(output)
     else:
         model = interpolator or load_model(method.name, request.model, request.device, **request.extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
+from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method, model_method
 from ..core.grid import DEFAULT_SPACING_MM
 from .common import TqdmProgress, add_input_arguments
 
@@ -18,8 +18,9 @@ def configure_parser(parser) -> None:
     grid.add_argument("--like", metavar="REF", help="put the output on the slice positions of this reference volume")
     parser.add_argument("--like-series", choices=["thick", "thin"], help="series of a case ZIP/folder given to --like")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
-    model = parser.add_argument_group("diffusion model options")
-    model.add_argument("--model", help="model name or checkpoint folder (default: the shipped model)")
+    model = parser.add_argument_group("model options (learned methods; the sampling ones are diffusion's)")
+    model.add_argument("--model", help="model name or checkpoint folder (default: the method's shipped model); "
+                                        "without --method it names its own method")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
     model.add_argument("--samples", type=int, default=1, help="samples to average; >1 also gives an uncertainty map")
@@ -38,16 +39,34 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
 
 
+def method_of_model(model: str) -> str:
+    """The method whose checkpoint ``model`` is; diffusion (whose loader names the problem) when
+    it is none that this package knows."""
+    from ..core.errors import InputError
+
+    try:
+        return model_method(model)
+    except InputError:
+        return DIFFUSION_METHOD
+
+
 def build_request(args, reference_geometry=None):
     from ..core.errors import InputError
     from ..api import InterpolationRequest
 
     if args.samples < 1:
         raise InputError("--samples must be at least 1")
-    # Model options without --method mean the diffusion method. On a server without --method,
-    # the server's own default applies (its model, or B-spline).
-    wants_model = args.model or args.steps or args.sampler or args.samples > 1 or args.uncertainty
-    method = args.method or (DIFFUSION_METHOD if wants_model else (SERVER_DEFAULT if args.server else DEFAULT_METHOD))
+    # Without --method: a --model names its own method (locally; a server knows its models),
+    # sampling options mean the diffusion method, and on a server its own default applies.
+    sampling = args.steps or args.sampler or args.samples > 1 or args.uncertainty
+    if args.method:
+        method = args.method
+    elif args.model and not args.server and not sampling:
+        method = method_of_model(args.model)
+    elif sampling or args.model:
+        method = DIFFUSION_METHOD
+    else:
+        method = SERVER_DEFAULT if args.server else DEFAULT_METHOD
     if method != SERVER_DEFAULT and "samples" not in get_method(method).options and (args.uncertainty or args.samples > 1):
         raise InputError(f"--samples and --uncertainty need the {DIFFUSION_METHOD} method, not {method}")
     if args.uncertainty and args.samples < 2:

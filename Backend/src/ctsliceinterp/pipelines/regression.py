@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import torch
 
 from ..core.classical import interpolate_classical
 from ..core.errors import GeometryError, InputError
-from ..core.grid import fractional_indices
+from ..core.grid import check_slices, fractional_indices
 from ..core.progress import as_reporter
 from ..core.volume import Geometry, Volume
 from ..models import WEIGHTS_DIR
@@ -107,8 +105,7 @@ class RegressionInterpolator:
     def run(self, volume: Volume, target: Geometry, consistency: bool = True, reporter=None,
             batch_slices: int = 4) -> Volume:
         reporter = as_reporter(reporter)
-        if volume.shape[0] < 2:
-            raise InputError("the input has a single slice: at least 2 slices are needed")
+        check_slices(volume.geometry)
         if tuple(target.shape[1:]) != tuple(volume.shape[1:]):
             raise GeometryError("the target grid must share the input's in-plane grid")
         thick_hu = np.asarray(volume.array, dtype=np.float32)
@@ -127,6 +124,4 @@ class RegressionInterpolator:
             from ..core.acquisition import consistency_correction
 
             out, _ = consistency_correction(out, target, thick_hu, volume.geometry, thickness, reporter=reporter)
-        metadata = {key: value for key, value in volume.metadata.items() if key != "slice_thickness"}
-        metadata.update(method="regression", model=self.name)
-        return Volume(out, target, metadata)
+        return volume.derived(out, target, method="regression", model=self.name)

@@ -16,30 +16,15 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, METHODS, get_method, load_model
+from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, METHODS, get_method, load_model, model_method
 from ...core.errors import InputError
-from ...models import WEIGHTS_DIR
 
 log = logging.getLogger("ctsliceinterp.serving.server")
-
-# The file that marks a checkpoint folder of each learned method.
-CHECKPOINT_MARKERS = {"regression": "regression.json", "diffusion": "model.json"}
-
 
 def model_name(spec: str) -> str:
     """A checkpoint folder is known by its folder name; a plain name by itself."""
     path = Path(spec).expanduser()
     return path.name if (path.exists() or "/" in spec or "\\" in spec) else spec
-
-
-def model_method(spec: str) -> str:
-    """The learned method a model folder (or a shipped model's name) belongs to."""
-    path = Path(spec).expanduser()
-    folder = path if path.is_dir() else WEIGHTS_DIR / spec
-    for method, marker in CHECKPOINT_MARKERS.items():
-        if (folder / marker).is_file():
-            return method
-    raise InputError(f"--model {spec}: not a shipped model nor a folder holding {' or '.join(CHECKPOINT_MARKERS.values())}")
 
 
 def pipeline_available(method: str) -> bool:
