@@ -20,6 +20,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 from testsupport import SHARED_DATA, oblique_direction, shared_file  # noqa: E402,F401  (re-exported)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on 1 thread for a module of small-model tests: on a shared 2-core machine, 2 OpenMP
+    threads spin against other work (3 s per tiny step instead of 0.05 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data():
     return shared_file

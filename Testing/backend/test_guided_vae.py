@@ -20,12 +20,7 @@ SAMPLE = REPO_ROOT / "samples" / "phantom_head_thick_5mm.nii.gz"
 TINY = GuidedVAEConfig(widths=(8, 16, 16), guide_widths=(8, 8, 16))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from ctsliceinterp.pipelines.regression import RegressionInterpolator, neighbour
 SAMPLE = REPO_ROOT / "samples" / "phantom_head_thick_5mm.nii.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_neighbours_straddle_the_position_and_clamp_at_the_ends():

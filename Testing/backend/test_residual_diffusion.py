@@ -27,12 +27,7 @@ SAMPLE = REPO_ROOT / "samples" / "phantom_head_thick_5mm.nii.gz"
 TINY = named_config("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _volume(seed: int = 0) -> Volume:

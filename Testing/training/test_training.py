@@ -20,14 +20,7 @@ import train_diffusion  # noqa: E402
 import train_vae  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, 2 OpenMP threads spin against other work (3 s per tiny step
-    # instead of 0.05 s); 1 thread is fastest for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
