@@ -111,7 +111,25 @@ def _split(section: Any, split: str) -> list:
     return list(section or []) if split == "train" else []
 
 
-class ThroughPlaneDataset(Dataset):
+class SeededDataset(Dataset):
+    """Items that are a pure function of (seed, epoch, index): ``rng(index)`` is the item's own
+    generator. ``fixed`` datasets (validation) draw the same items every epoch."""
+
+    def __init__(self, seed: int, length: int, fixed: bool = False):
+        self.seed, self.length, self.fixed = int(seed), int(length), bool(fixed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 0 if self.fixed else self.epoch, int(index)])
+
+
+class ThroughPlaneDataset(SeededDataset):
     """Items: {"inputs": (C, crop, crop), "delta": (1, crop, crop), "truth": (1, crop, crop)}, in HU
     for delta and truth."""
 
@@ -124,21 +142,14 @@ class ThroughPlaneDataset(Dataset):
             from loop import TrainingError
 
             raise TrainingError(f"no thin volumes for the {split} split (data.thin_volumes.{split})")
-        self.settings, self.config, self.seed, self.length = settings, config, int(seed), int(length)
+        super().__init__(seed, length, fixed)
+        self.settings, self.config = settings, config
         self.crop = int(settings["crop"])
-        self.epoch = 0
-        self.fixed = fixed  # validation: the same items every epoch
         sizes = np.array([v.array.size for v in self.volumes], dtype=float)
         self.volume_weights = np.sqrt(sizes) / np.sqrt(sizes).sum()  # big volumes a little more often
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch, int(index)])
+        rng = self.rng(index)
         item = None
         for _ in range(MAX_DRAWS):
             if self.pairs and rng.random() < self.settings["real_pair_probability"]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ctsliceinterp.core.acquisition import simulate_thick
 from ctsliceinterp.core.classical import interpolate_classical
@@ -31,13 +30,13 @@ from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.pipelines.diffusion import thin_positions
 from ctsliceinterp.pipelines.regression import RegressionInterpolator
 
-from regression_data import MAX_DRAWS, MIN_CROP_STD_HU, _split, data_settings, load_thin_volumes
+from regression_data import MAX_DRAWS, MIN_CROP_STD_HU, SeededDataset, _split, data_settings, load_thin_volumes
 
 CONTEXT_SLABS = 2  # thick slices beyond the run on each side (B-spline and the network see past it)
 RUN_DEFAULTS = {"depth": 16}
 
 
-class ResidualRunDataset(Dataset):
+class ResidualRunDataset(SeededDataset):
     """Items: {"truth", "base", "bspline": (D, crop, crop) HU; "thick": (K, crop, crop) HU;
     "x": (D,) thick indices; "positions": (3, D); "mask": (D,) ones}."""
 
@@ -51,18 +50,12 @@ class ResidualRunDataset(Dataset):
             from loop import TrainingError
 
             raise TrainingError(f"no thin volumes for the {split} split (data.thin_volumes.{split})")
-        self.regression, self.seed, self.length, self.fixed = regression, int(seed), int(length), fixed
+        super().__init__(seed, length, fixed)
+        self.regression = regression
         self.crop = int(self.settings["crop"])
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, 0 if self.fixed else self.epoch, int(index)])
+        rng = self.rng(index)
         item = None
         for _ in range(MAX_DRAWS):
             item = self._run(rng) or item
