@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .device import resolve_device
 from ..core.acquisition import consistency_correction
 from .checkpoint import Checkpoint, load_checkpoint
 from .depth_chunks import blend_over_depth
@@ -41,15 +42,6 @@ from ..core.volume import Geometry, Volume
 # Width of the ramp (fraction of the window width) over which the output passes from the model
 # to the classical interpolation at each window edge.
 WINDOW_EDGE_FRACTION = 0.1
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was requested (--device cuda) but no CUDA GPU is available; use --device cpu")
-    return device
 
 
 # --- intensity ------------------------------------------------------------------------------

@@ -37,14 +37,15 @@ import torch
 
 from ..core.acquisition import consistency_correction
 from ..core.errors import GeometryError, InputError
-from ..core.progress import Reporter, as_reporter
+from ..core.progress import as_reporter
 from ..core.volume import Geometry, Volume
 from ..models.configs import SAMPLERS, DiffusionConfig, UNetConfig
 from ..models.guided_vae import GuidedSliceVAE, GuidedVAEConfig
 from ..models.regression import ThroughPlaneNet
 from ..models.unet import UNet3D
 from .depth_chunks import blend_over_depth
-from .diffusion import RunningMoments, pad_in_plane, resample_depth, resolve_device, thin_positions
+from .device import resolve_device
+from .diffusion import RunningMoments, pad_in_plane, resample_depth, thin_positions
 from .regression import RegressionInterpolator
 
 CONFIG_FILE = "residual_diffusion.json"
