@@ -150,7 +150,7 @@ def test_shipped_network_beats_bspline_on_a_held_out_chest():
     bspline = interpolate_classical(thick, target, "bspline").array
     gain = psnr(to_unit_range(output), to_unit_range(truth)) - psnr(to_unit_range(bspline), to_unit_range(truth))
     print(f"gain over B-spline {gain:.2f} dB")
-    assert gain > 0.5, gain
+    assert gain > 1.0, gain  # the shipped network gave 1.30 dB here
 
 
 def test_classical_methods_get_the_consistency_correction_only_when_asked():
