@@ -1,4 +1,4 @@
-"""CTSliceInterp: thick-slice CT to thin-slice CT (latent diffusion or B-spline) in 3D Slicer.
+"""CTSliceInterp: thick-slice CT to thin-slice CT (a regression network, latent diffusion or B-spline) in 3D Slicer.
 
 This file is thin on purpose: Qt lives here (the widget), everything else lives in the Qt-free
 ``CTSliceInterpLib`` package, which pytest exercises on the ``slicer-core`` wheel. Python console:
@@ -58,15 +58,16 @@ class CTSliceInterp(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["CTSliceInterp contributors"]
         self.parent.helpText = _(
-            "Turns a thick-slice CT (e.g. 5 mm) into a thin-slice CT (e.g. 1 mm) with latent diffusion "
-            "or B-spline interpolation, locally (CPU/GPU) or on a remote server. The result is a new volume "
+            "Turns a thick-slice CT (e.g. 5 mm) into a thin-slice CT (e.g. 1 mm) with a through-plane "
+            "regression network (the default), latent diffusion or B-spline interpolation, locally (CPU/GPU) "
+            "or on a remote server. The result is a new volume "
             "with exact geometry, shown side by side with the input in linked views. "
             "Research software, not for diagnosis. "
             '<a href="https://github.com/ctsliceinterp/CTSliceInterp/blob/main/docs/slicer.md">Documentation</a>.'
         )
         self.parent.acknowledgementText = _(
-            "Built on 3D Slicer, PyTorch, diffusers, FastAPI and SimpleITK. Diffusion models are trained on "
-            "public paired thick/thin CT (see the model cards)."
+            "Built on 3D Slicer, PyTorch, diffusers, FastAPI and SimpleITK. The models are trained on "
+            "public CT (see the model cards)."
         )
 
 
@@ -380,7 +381,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._log(str(exc), error=True)
                 return
             if not installed:
-                self._log(_("Diffusion models appear here once the local backend is installed (on first "
+                self._log(_("The backend's models appear here once the local backend is installed (on first "
                             "Interpolate)."))
                 return
         if server:
