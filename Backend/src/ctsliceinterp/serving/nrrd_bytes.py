@@ -61,7 +61,7 @@ def nrrd_header(volume: Volume, encoding: str = "gzip") -> bytes:
     if dtype.kind not in "iuf" or dtype.str[1:] not in _WRITE_TYPES:
         raise InputError(f"voxel type {dtype} cannot be sent as NRRD; use an integer or float32/64 volume")
     g = volume.geometry
-    columns = g.direction_matrix * np.asarray(g.spacing)  # column k = axis k direction * spacing
+    columns = g.affine[:3, :3]  # column k = axis k direction * spacing
     lines = [
         "NRRD0004",
         "# CTSliceInterp volume: geometry only, LPS",

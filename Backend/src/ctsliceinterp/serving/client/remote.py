@@ -21,8 +21,7 @@ def interpolate_remote(url, volume, request, token_file=None, token=None, progre
     client = Client(url, token=token or read_token(token_file), **client_options)
     start = time.perf_counter()
     thin, uncertainty = client.run(volume, request.to_params(), progress=progress, cancel=cancel)
-    local = {k: v for k, v in volume.metadata.items() if k != "slice_thickness"}
-    thin = thin.replace(**{**local, **thin.metadata})
+    thin = volume.derived(thin.array, thin.geometry, **thin.metadata)
     if uncertainty is not None:
-        uncertainty = uncertainty.replace(**{**local, **uncertainty.metadata})
+        uncertainty = volume.derived(uncertainty.array, uncertainty.geometry, **uncertainty.metadata)
     return InterpolationResult(thin, uncertainty, seconds=time.perf_counter() - start, method=request.method or "server default")

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from ...api import CLASSICAL_FALLBACK, InterpolationRequest, get_method, target_geometry
 from ...core.errors import CTSliceInterpError, InputError
+from ...core.grid import check_slices
 from ...core.volume import Geometry, Volume
 from ...io.validate import label_map_reason
 from ..nrrd_bytes import VolumeTooLarge, volume_from_nrrd_bytes
@@ -108,8 +109,7 @@ def _job_request(params_text, state: ServerState) -> InterpolationRequest:
 def _parse_volume(data, state: ServerState) -> Volume:
     config = state.config
     volume = volume_from_nrrd_bytes(data, config.max_input_voxels, config.max_input_bytes, config.max_gzip_ratio)
-    if volume.shape[0] < 2:
-        raise InputError("the volume has a single slice: at least 2 slices are needed")
+    check_slices(volume.geometry)
     # As the command line's readers do. 8-bit voxels cannot hold HU at all; a constant volume (a
     # blank test phantom) holds no labels and goes through.
     reason = "8-bit voxels cannot hold HU" if volume.array.dtype.itemsize == 1 else None
