@@ -217,3 +217,22 @@ def test_a_regression_model_named_alone_selects_its_method(tmp_path):
         assert build_request(args).method == "regression"
     args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "default"])
     assert build_request(args).method == "diffusion"
+
+
+def test_evaluate_scores_a_regression_checkpoint_named_with_model(tmp_path, capsys):
+    from ctsliceinterp.cli import main
+    from ctsliceinterp.io import write_volume
+
+    rng = np.random.default_rng(4)
+    thin = Volume.from_array(rng.normal(0, 300, (30, 24, 24)).astype(np.float32), (0.8, 0.8, 1.0))
+    write_volume(thin, tmp_path / "thin.nrrd")
+    folder = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8))).save_pretrained(tmp_path / "net")
+    code = main(["evaluate", "--thin", str(tmp_path / "thin.nrrd"), "--thickness", "5", "--methods", "bspline,regression",
+                 "--model", str(folder), "--json", str(tmp_path / "scores.json"), "--no-progress"])
+    assert code == 0
+    scores = __import__("json").loads((tmp_path / "scores.json").read_text())["methods"]
+    # The checkpoint named with --model ran (an untrained network is B-spline, then the correction).
+    assert scores["regression"]["consistency_mae_hu"] <= 1.0
+    assert main(["evaluate", "--thin", str(tmp_path / "thin.nrrd"), "--thickness", "5", "--methods",
+                 "regression,diffusion", "--model", str(folder), "--no-progress"]) == 2
+    assert "both learned methods" in capsys.readouterr().err

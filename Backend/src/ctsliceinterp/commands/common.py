@@ -39,3 +39,15 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def method_of_model(model: str) -> str:
+    """The method whose checkpoint ``model`` is (``api.model_method``); diffusion, whose loader names
+    the problem, when it is none that this package knows."""
+    from ..api import DIFFUSION_METHOD, model_method
+    from ..core.errors import InputError
+
+    try:
+        return model_method(model)
+    except InputError:
+        return DIFFUSION_METHOD

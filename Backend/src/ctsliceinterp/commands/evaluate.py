@@ -29,13 +29,31 @@ def configure_parser(parser) -> None:
     parser.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
     parser.add_argument("--report", metavar="DIR", help="write axial/coronal/sagittal PNG figures and summary.md into DIR")
     parser.add_argument("--name", help="case name for the report (default: the reference file name)")
-    model = parser.add_argument_group("diffusion model options (method 'diffusion')")
-    model.add_argument("--model", help="model name or checkpoint folder")
+    model = parser.add_argument_group("model options (--model: the learned method's; the others: diffusion's)")
+    model.add_argument("--model", help="model name or checkpoint folder of the one learned method evaluated")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
     model.add_argument("--seed", type=int, default=0, help="random seed (default 0, so reruns are comparable)")
     model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def request_options(args, methods: list[str]) -> dict:
+    """Request fields shared by the methods: ``--model`` is the one learned method's model, the
+    sampling options are diffusion's."""
+    from ..api import get_method
+    from ..core.errors import InputError
+    from ..evaluation.evaluate import parse_method_label
+
+    names = {parse_method_label(m)[0] for m in methods}
+    learned = sorted(name for name in names if not get_method(name).classical)
+    if args.model and len(learned) > 1:
+        raise InputError(f"--model names one model, but {' and '.join(learned)} are both learned methods: "
+                         "evaluate them in separate runs")
+    options = {"device": args.device, "seed": args.seed, "model": args.model}
+    if DIFFUSION_METHOD in names:
+        options.update(steps=args.steps, sampler=args.sampler)
+    return options
 
 
 def main(args) -> int:
@@ -81,9 +99,7 @@ def main(args) -> int:
         case = simulated_case(reference, args.thickness, args.spacing, name)
     del reference
 
-    options = {"device": args.device, "seed": args.seed}
-    if any(parse_method_label(m)[0] == DIFFUSION_METHOD for m in methods):
-        options.update(model=args.model, steps=args.steps, sampler=args.sampler)
+    options = request_options(args, methods)
     progress = TqdmProgress(enabled=not args.no_progress)
     try:
         evaluation = evaluate_methods(case, methods, options, progress=progress)
@@ -118,14 +134,14 @@ def _main_cache(args, methods: list[str]) -> int:
     from ..core.errors import InputError
     from ..evaluation.evaluate_cache import evaluate_split
     from ..io.atomic import check_output_path
-    from .common import TqdmProgress
+    from .common import TqdmProgress, method_of_model
 
     if args.thin or args.thick or args.thickness:
         raise InputError("--cache evaluates the cached pairs: leave out --thin, --thick and --thickness")
     if not args.report:
         raise InputError("--cache needs --report DIR for the report (JSON, CSV, figures, summary.md)")
-    if args.model and DIFFUSION_METHOD not in methods and args.methods == DEFAULT_METHODS:
-        methods.append(DIFFUSION_METHOD)  # --model given: the model runs beside the classical baselines
+    if args.model and args.methods == DEFAULT_METHODS:
+        methods.append(method_of_model(args.model))  # --model given: the model runs beside the classical baselines
     from ..evaluation.evaluate import parse_method_label
 
     unknown = [m for m in methods if parse_method_label(m)[0] not in available_methods()]
@@ -134,9 +150,7 @@ def _main_cache(args, methods: list[str]) -> int:
     if args.crop is not None and args.crop < 16:
         raise InputError(f"--crop must be at least 16 pixels, got {args.crop}")
     report_dir = check_output_path(Path(args.report), [args.cache])
-    options = {"device": args.device, "seed": args.seed}
-    if any(parse_method_label(m)[0] == DIFFUSION_METHOD for m in methods):
-        options.update(model=args.model, steps=args.steps, sampler=args.sampler)
+    options = request_options(args, methods)
     command = "ctsliceinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     progress = TqdmProgress(enabled=not args.no_progress)
 

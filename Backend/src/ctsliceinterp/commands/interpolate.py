@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method, model_method
+from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
 from ..core.grid import DEFAULT_SPACING_MM
-from .common import TqdmProgress, add_input_arguments
+from .common import TqdmProgress, add_input_arguments, method_of_model
 
 
 def configure_parser(parser) -> None:
@@ -37,17 +37,6 @@ def configure_parser(parser) -> None:
     remote.add_argument("--token-file", metavar="F", help="file holding the server's bearer token")
     parser.add_argument("--figure", metavar="PNG", help="also write a comparison picture: input | output | B-spline")
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
-
-
-def method_of_model(model: str) -> str:
-    """The method whose checkpoint ``model`` is; diffusion (whose loader names the problem) when
-    it is none that this package knows."""
-    from ..core.errors import InputError
-
-    try:
-        return model_method(model)
-    except InputError:
-        return DIFFUSION_METHOD
 
 
 def build_request(args, reference_geometry=None):
