@@ -10,7 +10,6 @@ or ``$CTSLICEINTERP_PYTHON39``); CI machines without one skip it with that reaso
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -20,17 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from test_static import _static_check
+
 MODULE_DIR = Path(__file__).resolve().parents[2] / "CTSliceInterp"
 BACKEND = MODULE_DIR.parent / "Backend"
 BACKEND_SOURCE = BACKEND / "src"
-
-
-def _static_check():
-    path = MODULE_DIR / "Testing" / "Python" / "CTSliceInterpStaticCheck.py"
-    spec = importlib.util.spec_from_file_location("CTSliceInterpStaticCheck", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _module_files():
