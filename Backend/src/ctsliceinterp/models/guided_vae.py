@@ -23,7 +23,6 @@ has to pass through the 8x latent (Zhu et al. 2023's asymmetric decoder, conditi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .folders import read_folder, save_folder
 from .vae import LatentDistribution
 
 WEIGHTS_FILE = "guided_vae.safetensors"
@@ -202,35 +202,19 @@ class GuidedSliceVAE(nn.Module):
         posterior = self.encode(thin_hu, base_hu)
         return self.decode(posterior.sample(generator), base_hu), posterior
 
-    # --- the save/load pair (as models.regression) ---------------------------------------------
+    # --- the save/load pair (models/folders.py, as models.regression) ------------------------------
     def save_pretrained(self, folder: str | Path, info: dict | None = None) -> Path:
         """Weights (safetensors, with the two scales) and config (JSON), each written atomically,
         the weights read back before they replace anything."""
-        from safetensors.torch import load_file, save_file
-
-        from ..io.atomic import atomic_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_file(folder / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp))
-            if load_file(str(tmp)).keys() != state.keys():
-                raise OSError(f"the weights written to {tmp} do not read back")
         meta = {"config": self.config.to_dict(), "latent_scale": float(self.latent_scale),
                 "condition_scale": float(self.condition_scale), "info": info or {}}
-        with atomic_file(folder / CONFIG_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
-        return folder
+        return save_folder(folder, self, WEIGHTS_FILE, CONFIG_FILE, meta)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "GuidedSliceVAE":
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta, state = read_folder(folder, WEIGHTS_FILE, CONFIG_FILE)
         model = cls(GuidedVAEConfig.from_dict(meta["config"]))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model.load_state_dict(state)
         return model.eval()
 
 

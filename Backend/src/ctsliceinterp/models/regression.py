@@ -10,13 +10,14 @@ again. The last layer starts at zero, so an untrained network returns the classi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from .folders import read_folder, save_folder
 
 WEIGHTS_FILE = "regression.safetensors"
 CONFIG_FILE = "regression.json"
@@ -103,34 +104,14 @@ class ThroughPlaneNet(nn.Module):
     # --- the save/load pair (diffusers style) ---------------------------------------------
     def save_pretrained(self, folder: str | Path, info: dict | None = None) -> Path:
         """Weights (safetensors) and config (JSON), each written atomically, then read back."""
-        from safetensors.torch import save_file
-
-        from ..io.atomic import atomic_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_file(folder / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp))
-            if not load_state(tmp).keys() == state.keys():
-                raise OSError(f"the weights written to {tmp} do not read back")
-        with atomic_file(folder / CONFIG_FILE) as tmp:
-            Path(tmp).write_text(json.dumps({"config": self.config.to_dict(), "info": info or {}}, indent=2) + "\n")
-        return folder
+        return save_folder(folder, self, WEIGHTS_FILE, CONFIG_FILE, {"config": self.config.to_dict(), "info": info or {}})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ThroughPlaneNet":
-        folder = Path(folder)
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta, state = read_folder(folder, WEIGHTS_FILE, CONFIG_FILE)
         model = cls(RegressionConfig.from_dict(meta["config"]))
-        model.load_state_dict(load_state(folder / WEIGHTS_FILE))
+        model.load_state_dict(state)
         return model.eval()
-
-
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def parameter_count(model: nn.Module) -> int:
