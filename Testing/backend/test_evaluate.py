@@ -133,3 +133,16 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert thin_path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thin.nii.gz"]
+
+
+def test_method_labels_carry_per_entry_options():
+    from ctsliceinterp.core.errors import InputError
+    from ctsliceinterp.evaluation.evaluate import parse_method_label
+
+    assert parse_method_label("residual_diffusion:samples=1") == ("residual_diffusion", {"samples": 1})
+    assert parse_method_label("diffusion:samples=4:steps=20") == ("diffusion", {"samples": 4, "steps": 20})
+    assert parse_method_label("bspline+consistency") == ("bspline", {"consistency": True})
+    assert parse_method_label("regression") == ("regression", {})
+    for bad in ("diffusion:seed=1", "diffusion:samples=", "diffusion:samples=-1"):
+        with pytest.raises(InputError, match="expected :samples=N"):
+            parse_method_label(bad)

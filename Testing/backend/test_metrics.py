@@ -141,3 +141,54 @@ def test_score_drops_edge_slices_and_reports_known_values():
     assert score(ref, ref).ssim == pytest.approx(1.0)
     with pytest.raises(InputError, match="slices"):
         score(ref[:10], ref[:10])
+
+
+def _flat_phantom(seed: int = 0) -> np.ndarray:
+    """Soft tissue at 40 HU with 4 HU noise and a bright block (not flat) in the middle."""
+    rng = np.random.default_rng(seed)
+    ref = (40.0 + rng.normal(0, 4.0, (24, 32, 32))).astype(np.float32)
+    ref[8:16, 10:20, 10:20] = 600.0
+    return ref
+
+
+def test_flat_texture_ratio_flags_invented_noise_and_smoothing():
+    from scipy import ndimage
+
+    from ctsliceinterp.evaluation.metrics import flat_texture_ratio
+
+    ref = _flat_phantom()
+    noisy = ref + np.random.default_rng(5).normal(0, 8.0, ref.shape).astype(np.float32)
+    assert flat_texture_ratio(ref, ref) == pytest.approx(1.0)
+    assert flat_texture_ratio(noisy, ref) > 1.5  # sqrt(4^2 + 8^2) / 4 = 2.2
+    assert flat_texture_ratio(ndimage.uniform_filter(ref, 3), ref) < 0.8  # the block's blurred edges count too
+    plain = ref[:8]  # no block: smoothing 3 x 3 x 3 divides iid noise by about 5
+    assert flat_texture_ratio(ndimage.uniform_filter(plain, 3), plain) < 0.4
+    assert flat_texture_ratio(ref, np.full_like(ref, 3000.0)) is None  # no soft tissue at all
+
+
+def test_through_plane_gradient_ratio_is_one_for_the_truth_below_for_blur_above_for_noise():
+    from scipy import ndimage
+
+    from ctsliceinterp.evaluation.metrics import through_plane_gradient_ratio
+
+    ref = _flat_phantom(1)
+    assert through_plane_gradient_ratio(ref, ref) == pytest.approx(1.0)
+    assert through_plane_gradient_ratio(ndimage.uniform_filter1d(ref, 3, axis=0), ref) < 0.9
+    plain = ref[:8]  # soft tissue only: 6 HU of added noise over 4 HU of texture
+    assert through_plane_gradient_ratio(plain + np.random.default_rng(2).normal(0, 6.0, plain.shape), plain) > 2.5
+    assert score(ref, ref).through_plane_gradient_ratio == pytest.approx(1.0)
+
+
+def test_uncertainty_reliability_correlates_a_standard_deviation_that_tracks_the_error():
+    from ctsliceinterp.evaluation.metrics import uncertainty_reliability
+
+    rng = np.random.default_rng(3)
+    ref = np.full((20, 24, 24), 40.0, dtype=np.float32)
+    std = rng.uniform(1.0, 30.0, ref.shape).astype(np.float32)
+    tracking = ref + rng.normal(0, 1, ref.shape).astype(np.float32) * std
+    good = uncertainty_reliability(std, tracking, ref)
+    bad = uncertainty_reliability(rng.permutation(std.ravel()).reshape(std.shape), tracking, ref)
+    assert good["correlation"] > 0.5 and abs(bad["correlation"]) < 0.1
+    rms = [b["rms_error_hu"] for b in good["bins"]]
+    assert len(good["bins"]) == 10 and rms == sorted(rms)  # error grows with the predicted std
+    assert good["bins"][-1]["rms_error_hu"] == pytest.approx(good["bins"][-1]["mean_std_hu"], rel=0.15)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..api import CLASSICAL_METHODS, DIFFUSION_METHOD, available_methods
+from ..api import CLASSICAL_METHODS, available_methods
 
 DEFAULT_METHODS = ",".join(CLASSICAL_METHODS)
 
@@ -25,7 +25,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--thick-series", choices=["thick", "thin"], help="series of a case ZIP/folder to read for --thick (default: thick when --thin and --thick are the same case)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated methods (default {DEFAULT_METHODS}); a name ending in +consistency "
-                             "(or -consistency) forces the thick-slice consistency correction on (off)")
+                             "(or -consistency) forces the thick-slice consistency correction on (off); "
+                             "NAME:samples=N (or :steps=N) sets that option for that entry")
     parser.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
     parser.add_argument("--report", metavar="DIR", help="write axial/coronal/sagittal PNG figures and summary.md into DIR")
     parser.add_argument("--name", help="case name for the report (default: the reference file name)")
@@ -51,7 +52,7 @@ def request_options(args, methods: list[str]) -> dict:
         raise InputError(f"--model names one model, but {' and '.join(learned)} are both learned methods: "
                          "evaluate them in separate runs")
     options = {"device": args.device, "seed": args.seed, "model": args.model}
-    if DIFFUSION_METHOD in names:
+    if any("steps" in get_method(name).options for name in names):
         options.update(steps=args.steps, sampler=args.sampler)
     return options
 
@@ -122,6 +123,11 @@ def main(args) -> int:
 
         outputs = {m: r.output for m, r in evaluation.results.items()}
         figures = evaluation_figures(case.thick, outputs, case.reference, report_dir, title=name)
+        reliability = {m: r.reliability for m, r in evaluation.results.items() if r.reliability}
+        if reliability:
+            from ..evaluation.figures import reliability_figure
+
+            figures.append(reliability_figure(reliability, report_dir / "uncertainty_reliability.png", title=name))
         summary = write_summary(evaluation, report_dir / "summary.md", command, figures)
         print(f"wrote {', '.join(figures)}, {summary}")
     return 0

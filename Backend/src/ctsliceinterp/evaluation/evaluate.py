@@ -66,9 +66,11 @@ class MethodResult:
     scores: metrics.Scores
     seconds: float
     output: Optional[Volume] = None  # kept for figures
+    reliability: Optional[dict[str, Any]] = None  # metrics.uncertainty_reliability, when there is an uncertainty
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.scores.as_dict(), "seconds": self.seconds}
+        extra = {} if self.reliability is None else {"uncertainty": self.reliability}
+        return {**self.scores.as_dict(), "seconds": self.seconds, **extra}
 
 
 @dataclass
@@ -160,12 +162,24 @@ def simulated_case(reference: Volume, thickness: float, spacing: Optional[float]
 CONSISTENCY_SUFFIXES = {"+consistency": True, "-consistency": False}
 
 
+INTEGER_OPTIONS = ("samples", "steps")
+
+
 def parse_method_label(label: str) -> tuple[str, dict[str, Any]]:
-    """``bspline+consistency`` -> ("bspline", {"consistency": True}); a plain name has no variant."""
+    """``bspline+consistency`` -> ("bspline", {"consistency": True});
+    ``residual_diffusion:samples=1`` -> ("residual_diffusion", {"samples": 1}) (``samples`` and
+    ``steps``, each ``:key=value``); a plain name has no variant."""
+    name, *settings = label.split(":")
+    variant: dict[str, Any] = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in INTEGER_OPTIONS or not value.isdigit():
+            raise InputError(f"method {label!r}: expected :samples=N or :steps=N after the name, got {setting!r}")
+        variant[key] = int(value)
     for suffix, value in CONSISTENCY_SUFFIXES.items():
-        if label.endswith(suffix):
-            return label[: -len(suffix)], {"consistency": value}
-    return label, {}
+        if name.endswith(suffix):
+            return name[: -len(suffix)], {"consistency": value, **variant}
+    return name, variant
 
 
 def evaluate_methods(
@@ -196,7 +210,11 @@ def evaluate_methods(
             raise InputError(f"method {method} did not return the requested slice positions")
         scores = metrics.score(output.array, case.reference.array)
         scores.consistency_mae_hu = consistency_mae(case.thick, output, case.thickness)
-        evaluation.results[method] = MethodResult(method, scores, result.seconds, output if keep_outputs else None)
+        reliability = None
+        if result.uncertainty is not None:
+            reliability = metrics.uncertainty_reliability(result.uncertainty.array, output.array, case.reference.array)
+        evaluation.results[method] = MethodResult(method, scores, result.seconds, output if keep_outputs else None,
+                                                  reliability)
         if on_result is not None:
             on_result(evaluation.results[method])
     return evaluation
@@ -209,6 +227,8 @@ COLUMNS = [
     ("psnr_soft_tissue", "PSNR 40/400 (dB)", "{:.2f}"),
     ("psnr_body", "PSNR body (dB)", "{:.2f}"),
     ("consistency_mae_hu", "thick MAE (HU)", "{:.2f}"),
+    ("flat_texture_ratio", "flat texture", "{:.2f}"),
+    ("through_plane_gradient_ratio", "z-gradient", "{:.2f}"),
     ("seconds", "time (s)", "{:.2f}"),
 ]
 

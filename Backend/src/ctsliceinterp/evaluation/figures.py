@@ -209,6 +209,33 @@ def evaluation_figures(
     return written
 
 
+def reliability_figure(reliability: Mapping[str, dict], path: str | os.PathLike, title: Optional[str] = None,
+                       dpi: int = 80) -> str:
+    """RMS error against the predicted standard deviation, per std decile (``metrics.uncertainty_reliability``),
+    one line per method; the diagonal is a calibrated uncertainty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    top = 1.0
+    for name, values in reliability.items():
+        std = [b["mean_std_hu"] for b in values["bins"]]
+        rms = [b["rms_error_hu"] for b in values["bins"]]
+        top = max([top, *std, *rms])
+        ax.plot(std, rms, "o-", label=f"{name} (r = {values['correlation']:.2f})")
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="calibrated")
+    ax.set_xlabel("predicted standard deviation (HU), decile mean")
+    ax.set_ylabel("RMS error (HU)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title + ': ' if title else ''}uncertainty reliability (body)", fontsize=8)
+    fig.tight_layout()
+    _save_small_png(fig, Path(path), dpi)
+    plt.close(fig)
+    return str(path)
+
+
 def _save_small_png(fig, path: Path, dpi: int) -> None:
     """Save with a 256-colour palette: CT noise makes true-colour PNGs of a report several
     times larger, and a grey ramp plus one colour map fit in 256 colours."""

@@ -25,6 +25,13 @@ Also reported (not part of RPLHR-CT):
   only over voxels inside the body (``body_mask``), so air around the patient does not inflate it.
 - ``consistency_mae_hu``: ``acquisition.consistency_mae``, the mean absolute HU difference between
   the input thick slices and the output re-averaged by the slab-mean acquisition model.
+- ``flat_texture_ratio``: in flat soft tissue (reference in the 40/400 window with a local standard
+  deviation over 5 x 5 x 5 voxels below ``FLAT_STD_HU``), the output's mean local standard deviation
+  over the reference's. Above 1: texture the reference lacks (invented noise); below: smoothing.
+- ``through_plane_gradient_ratio``: the energy of the output's slice-to-slice differences over the
+  reference's (HU clipped to the protocol range). 1 is the truth, below is blur, above is noise.
+- ``uncertainty_reliability`` (for outputs with a per-voxel standard deviation): its correlation
+  with the absolute error, and the RMS error in bins of the standard deviation.
 
 Identical volumes have an infinite PSNR; it is returned as ``math.inf`` (RPLHR-CT's code returns
 40 instead) and written to JSON as ``null``.
@@ -44,6 +51,8 @@ PROTOCOL_HU_RANGE = (-1024.0, 2048.0)
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width (HU)
 EDGE_SLICES = 5  # thin slices dropped at each end of the volume
 BODY_THRESHOLD_HU = -500.0
+FLAT_STD_HU = 10.0  # the reference's local standard deviation below which tissue counts as flat
+LOCAL_STD_SIZE = 5  # voxels per side of the local standard deviation's cube
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -153,10 +162,57 @@ class Scores:
     ssim: float
     psnr_soft_tissue: float
     psnr_body: float
+    flat_texture_ratio: float | None = None
+    through_plane_gradient_ratio: float | None = None
     consistency_mae_hu: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def local_std(hu: np.ndarray, size: int = LOCAL_STD_SIZE) -> np.ndarray:
+    """Standard deviation over a ``size``-cube around each voxel (population, reflected borders)."""
+    a = hu.astype(np.float64)
+    mean = ndimage.uniform_filter(a, size)
+    return np.sqrt(np.maximum(ndimage.uniform_filter(a * a, size) - mean * mean, 0.0)).astype(np.float32)
+
+
+def flat_texture_ratio(prediction_hu: np.ndarray, reference_hu: np.ndarray) -> float | None:
+    """Mean local standard deviation of the prediction over the reference's in flat soft tissue
+    (None when the reference has no flat soft tissue)."""
+    low, high = window_bounds()
+    reference_std = local_std(reference_hu)
+    flat = (reference_std < FLAT_STD_HU) & (reference_hu >= low) & (reference_hu <= high)
+    if not flat.any():
+        return None
+    return float(local_std(prediction_hu)[flat].mean() / max(float(reference_std[flat].mean()), 1e-6))
+
+
+def through_plane_gradient_ratio(prediction_hu: np.ndarray, reference_hu: np.ndarray) -> float:
+    """Energy of slice-to-slice differences, prediction over reference (protocol HU range)."""
+    low, high = PROTOCOL_HU_RANGE
+    energy = lambda a: float(np.square(np.diff(np.clip(a, low, high).astype(np.float64), axis=0)).sum())  # noqa: E731
+    return energy(prediction_hu) / max(energy(reference_hu), 1e-12)
+
+
+def uncertainty_reliability(std_hu: np.ndarray, prediction_hu: np.ndarray, reference_hu: np.ndarray,
+                            bins: int = 10, edge: int = EDGE_SLICES) -> dict:
+    """Does the standard deviation track the error? Over the body (protocol crop): Pearson's
+    correlation of std with |error|, and per std decile (mean std, RMS error, voxels), HU."""
+    std, pred, ref = (protocol_crop(a, edge) for a in (std_hu, prediction_hu, reference_hu))
+    inside = body_mask(ref)
+    std, error = std[inside].astype(np.float64), (pred[inside] - ref[inside]).astype(np.float64)
+    if std.size < bins or std.std() == 0:
+        return {"correlation": None, "bins": []}
+    edges = np.unique(np.quantile(std, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, std, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if sel.any():
+            rows.append({"mean_std_hu": float(std[sel].mean()), "rms_error_hu": float(np.sqrt(np.mean(error[sel] ** 2))),
+                         "voxels": int(sel.sum())})
+    return {"correlation": float(np.corrcoef(std, np.abs(error))[0, 1]), "bins": rows}
 
 
 def score(prediction_hu: np.ndarray, reference_hu: np.ndarray, edge: int = EDGE_SLICES) -> Scores:
@@ -172,4 +228,6 @@ def score(prediction_hu: np.ndarray, reference_hu: np.ndarray, edge: int = EDGE_
         ssim=ssim(pred, ref),
         psnr_soft_tissue=psnr(window_to_unit_range(pred_hu), window_to_unit_range(ref_hu)),
         psnr_body=psnr(pred, ref, mask=body_mask(ref_hu)),
+        flat_texture_ratio=flat_texture_ratio(pred_hu, ref_hu),
+        through_plane_gradient_ratio=through_plane_gradient_ratio(pred_hu, ref_hu),
     )
