@@ -107,7 +107,8 @@ def test_cli_writes_json_summary_and_figures(tmp_path, capsys):
     data = json.loads(json_path.read_text())
     assert set(data["methods"]) == {"linear", "lanczos"}
     for scores in data["methods"].values():
-        assert set(scores) == {"psnr", "ssim", "psnr_soft_tissue", "psnr_body", "consistency_mae_hu", "seconds"}
+        assert set(scores) == {"psnr", "ssim", "psnr_soft_tissue", "psnr_body", "consistency_mae_hu", "seconds",
+                               "flat_texture_ratio", "through_plane_gradient_ratio"}
     # Exact linear result: infinite PSNR written as null, never as the non-JSON Infinity.
     assert data["methods"]["linear"]["psnr"] is None or data["methods"]["linear"]["psnr"] > 80
     assert math.isfinite(data["methods"]["lanczos"]["psnr"])
