@@ -118,3 +118,41 @@ class ResidualRunDataset(SeededDataset):
         batch["thick"] = [item["thick"] for item in items]
         batch["x"] = [item["x"] for item in items]
         return batch
+
+
+class LatentRunCache(SeededDataset):
+    """A fixed pool of ``ResidualRunDataset`` runs, encoded once: items are {"target", "condition",
+    "positions", "mask"} of a run drawn from the pool by (seed, epoch, index).
+
+    Making a run (slab simulation, the regression base, the VAE's encodes) costs far more on a CPU
+    than the U-Net's step, so the pool is built once, saved atomically to ``path`` and reused by
+    ``--resume`` when it was built from the same runs and the same guided VAE weights."""
+
+    def __init__(self, runs: ResidualRunDataset, encode, path, key: dict, seed: int, length: int = 1000):
+        import json
+
+        from tqdm import tqdm
+
+        from ctsliceinterp.io.atomic import atomic_file
+
+        super().__init__(seed, length)
+        key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        cached = torch.load(path, weights_only=True) if path is not None and path.is_file() else None
+        if cached is not None and cached.get("key") == json.dumps(key, sort_keys=True):
+            self.pool = cached["pool"]
+            return
+        parts: dict[str, list] = {"target": [], "condition": [], "positions": [], "mask": []}
+        for start in tqdm(range(0, len(runs), 4), desc="encoding the training runs", unit="batch", mininterval=30):
+            batch = runs.collate([runs[i] for i in range(start, min(start + 4, len(runs)))])
+            target, condition = encode(batch)
+            for name, value in zip(parts, (target, condition, batch["positions"], batch["mask"])):
+                parts[name].append(value.cpu())
+        self.pool = {name: torch.cat(values) for name, values in parts.items()}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                torch.save({"key": json.dumps(key, sort_keys=True), "pool": self.pool}, tmp)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        j = int(self.rng(index).integers(self.pool["target"].shape[0]))
+        return {name: value[j] for name, value in self.pool.items()}

@@ -10,10 +10,12 @@ Each item is a run of thin slices with its base, made as inference makes it
 (posterior mean, times the measured latent scale); the condition is the base's latent and the thick
 slices' latents resampled onto the thin positions, with the pipeline's own functions
 (``ResidualDiffusionInterpolator.condition``). The loss is ``diffusion_loss.diffusion_loss``: the
-min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on padded slices.
+min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on padded slices,
+plus ``loss.mean_head`` times the x0 head's unweighted MSE (``posterior_mean_latent``: the
+one-pass posterior mean the default output uses).
 
 Every epoch: the validation loss (fixed items and noise), then the monitor runs the sampler on fixed
-validation runs and scores the posterior mean of ``monitor.samples`` samples and one sample against
+validation runs and scores the x0 head, the mean of ``monitor.samples`` samples and one sample against
 B-spline and against the base (regression) on the same runs, full range and 40/400 window
 (``train_guided_vae.gain_metrics``), and the correlation between the samples' per-voxel standard
 deviation and the mean's absolute error (does the uncertainty track the error?). The EMA U-Net is exported with the VAE and the base network
@@ -69,14 +71,22 @@ class ResidualDiffusionTask:
         self.pipeline = ResidualDiffusionInterpolator(self.vae, self.model, copy.deepcopy(regression), self.model_config,
                                                       device=self.device)
         self.monitor = {**MONITOR_DEFAULTS, **(config.get("monitor") or {})}
+        self.mean_head_weight = float((config.get("loss") or {}).get("mean_head", 1.0))
         settings = train_settings(config)
         data = dict(config.get("data") or {})
         if int(data.get("crop", 96)) % self.model_config.pixel_multiple:
             raise TrainingError(f"data.crop must be a multiple of {self.model_config.pixel_multiple} for this model")
         self.seed = int(settings["seed"])
+        pool = int(data.pop("cache_runs", 0))
         base_network = RegressionInterpolator(copy.deepcopy(regression), "cpu")  # for the data workers
         self.train_dataset = ResidualRunDataset(data, "train", base_network, self.seed)
         self.val_dataset = ResidualRunDataset(data, "val", base_network, self.seed + 1, int(settings["val_items"]), fixed=True)
+        if pool:  # a fixed pool of encoded runs (residual_data.LatentRunCache)
+            from residual_data import LatentRunCache
+
+            runs = ResidualRunDataset(data, "train", base_network, self.seed + 2, pool, fixed=True)
+            key = {"runs": pool, "seed": self.seed, "data": data, "vae": _file_digest(Path(config["vae_checkpoint"]))}
+            self.train_dataset = LatentRunCache(runs, self.latents, out / "latent_cache.pt", key, self.seed)
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.enable_gradient_checkpointing(True)
@@ -93,12 +103,20 @@ class ResidualDiffusionTask:
         return torch.cat(targets), torch.cat(conditions)
 
     def loss(self, model, batch: dict, device, generator=None):
+        from ctsliceinterp.pipelines.residual_diffusion import posterior_mean_latent
         from diffusion_loss import diffusion_loss
 
-        target, condition = self.latents(batch)
-        loss = diffusion_loss(model, target, condition, batch["positions"].to(device), self.scheduler,
-                              self.model_config.diffusion, depth_mask=batch["mask"].to(device), generator=generator)
-        return loss, {}
+        target, condition = (batch["target"], batch["condition"]) if "target" in batch else self.latents(batch)
+        positions, mask = batch["positions"].to(device), batch["mask"].to(device)
+        loss = diffusion_loss(model, target, condition, positions, self.scheduler, self.model_config.diffusion,
+                              depth_mask=mask, generator=generator)
+        if not self.mean_head_weight:
+            return loss, {}
+        # The x0 head (the default output): unweighted MSE of the one-pass posterior mean, masked.
+        mean = posterior_mean_latent(model, condition, positions, self.model_config.diffusion.num_train_timesteps)
+        error = (mean.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
+        mean_loss = (error * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss + self.mean_head_weight * mean_loss, {"diffusion_loss": loss.detach(), "mean_head_loss": mean_loss.detach()}
 
     @torch.no_grad()
     def validate(self, unet, epoch: int, out: Path, device) -> dict:
@@ -118,17 +136,19 @@ class ResidualDiffusionTask:
         pipeline = copy.copy(self.pipeline)
         pipeline.unet = unet
         steps, sampler, count = int(self.monitor["steps"]), str(self.monitor["sampler"]), int(self.monitor["samples"])
-        parts = {"truth": [], "bspline": [], "regression": [], "mean": [], "sample": [], "std": []}
+        parts = {"truth": [], "bspline": [], "regression": [], "x0_head": [], "mean": [], "sample": [], "std": []}
         for index, item in enumerate(items):
             base = item["base"].numpy()
             condition = pipeline.condition(base, item["thick"].numpy(), item["x"].numpy())
             positions = item["positions"][None].to(self.device)
+            head = pipeline.decode(pipeline.mean_residual(condition, positions), base)
             decoded = []
             for k in range(count):
                 generator = torch.Generator().manual_seed(self.seed + 1000 * index + k)
                 decoded.append(pipeline.decode(pipeline.sample_residual(condition, positions, sampler, steps, generator), base))
-            for key, value in zip(parts, (item["truth"].numpy(), item["bspline"].numpy(), base, np.mean(decoded, axis=0),
-                                          decoded[0], np.std(decoded, axis=0, ddof=min(1, count - 1)))):
+            for key, value in zip(parts, (item["truth"].numpy(), item["bspline"].numpy(), base, head,
+                                          np.mean(decoded, axis=0), decoded[0],
+                                          np.std(decoded, axis=0, ddof=min(1, count - 1)))):
                 parts[key].append(value)
         arrays = {key: np.stack(value) for key, value in parts.items()}
         metrics = gain_metrics(arrays["truth"], {k: v for k, v in arrays.items() if k not in ("truth", "std")},
@@ -143,6 +163,15 @@ class ResidualDiffusionTask:
 
         save_residual_model(folder, self.vae, self.regression_net, self.model_config, unet,
                             {"trained": "residual_diffusion", "trained_steps": info.get("step"), **info})
+
+
+def _file_digest(folder: Path) -> str:
+    """SHA-256 of the guided VAE's weights: a cached pool of its latents is valid for these only."""
+    import hashlib
+
+    from ctsliceinterp.models.guided_vae import WEIGHTS_FILE
+
+    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def build_task(config, runtime, out):

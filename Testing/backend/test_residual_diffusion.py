@@ -72,10 +72,15 @@ def test_posterior_mean_with_uncertainty_or_one_sample_both_consistent():
     model = ResidualDiffusionInterpolator(*_networks(acting=True), TINY, device="cpu")
     one, none = model.run(volume, target, samples=1, seed=0)
     mean, std = model.run(volume, target, samples=3, seed=0)
-    default, default_std = model.run(volume, target, seed=0)  # the default: the posterior mean
+    default, default_std = model.run(volume, target, seed=0)  # the default: the posterior mean by the x0 head
     assert none is None and one.metadata["output"] == "one sample"
     assert mean.metadata["samples"] == 3 and mean.metadata["output"] == "posterior mean"
-    assert default.metadata["samples"] == TINY.inference.mean_samples and default_std is not None
+    assert default.metadata["output"] == "posterior mean" and default.metadata["estimator"] == "x0 head"
+    assert default_std is None and "samples" not in default.metadata
+    base = RegressionInterpolator(model.regression.net, "cpu").run(volume, target).array
+    assert np.abs(default.array - base).mean() > 0.1  # an acting x0 head moves the output off the base
+    again, _ = model.run(volume, target, seed=1)
+    np.testing.assert_array_equal(again.array, default.array)  # one deterministic pass: no seed involved
     assert std.geometry == target and std.metadata["quantity"] == "standard deviation (HU)"
     assert float(std.array.mean()) > 0.1  # different samples differ
     assert not np.allclose(one.array, mean.array, atol=1e-2)
@@ -108,10 +113,13 @@ def trained_folders(tmp_path_factory):
     assert train_guided_vae.main(vae_args + ["--max-steps", "3"]) == 0
     diffusion_args = ["--config", str(REPO_ROOT / "Training" / "configs" / "residual_diffusion.yaml"),
                       "--out", str(root / "diffusion"), "--set", f"vae_checkpoint={root / 'vae' / 'model'}",
-                      "--set", f"data={_run_data()}", "--set", "train.batch_size=1",
+                      "--set", f"data={ {**_run_data(), 'cache_runs': 3} }", "--set", "train.batch_size=1", "--set", "train.log_every=1",
                       "--set", "monitor.items=1", "--set", "monitor.steps=2", "--set", "monitor.samples=2", *common]
     assert train_residual_diffusion.main(diffusion_args + ["--max-steps", "2"]) == 0
+    cache = root / "diffusion" / "latent_cache.pt"
+    built = cache.stat().st_mtime_ns
     assert train_residual_diffusion.main(diffusion_args + ["--max-steps", "4", "--resume"]) == 0
+    assert cache.stat().st_mtime_ns == built  # the resumed run reused the encoded pool
     return root
 
 
@@ -125,7 +133,9 @@ def test_training_scripts_run_resume_export_and_the_pipeline_loads_the_result(tr
     assert [r["resumed"] for r in log if r["kind"] == "start"] == [False, True]
     val = [r for r in log if r["kind"] == "val"][-1]
     assert val["step"] == 4
-    for key in ("val_mean_gain_over_bspline_db", "val_mean_gain_over_regression_db_window",
+    train = [r for r in log if r["kind"] == "train"]
+    assert len(train) == 4 and all(r["mean_head_loss"] > 0 and r["diffusion_loss"] > 0 for r in train)  # both terms
+    for key in ("val_x0_head_gain_over_regression_db", "val_mean_gain_over_bspline_db", "val_mean_gain_over_regression_db_window",
                 "val_sample_gain_over_regression_db", "val_loss", "val_std_error_correlation"):
         assert np.isfinite(val[key]), key
     from ctsliceinterp.core.errors import InputError

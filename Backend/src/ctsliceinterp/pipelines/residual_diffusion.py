@@ -65,11 +65,17 @@ class ResidualUNetConfig(UNetConfig):
         return self.latent_channels + self.condition_channels + self.position_channels
 
 
+MEAN_ESTIMATORS = ("x0_head", "samples")
+
+
 @dataclass(frozen=True)
 class ResidualInferenceConfig:
     sampler: str = "dpmpp"
     steps: int = 8
-    mean_samples: int = 4  # samples averaged for the default (posterior-mean) output
+    # The default output, the posterior mean: "x0_head" (one U-Net pass, ``posterior_mean_latent``)
+    # or "samples" (the mean of ``mean_samples`` samples, with their standard deviation).
+    mean_estimator: str = "x0_head"
+    mean_samples: int = 4
     chunk_depth: int = 32
     chunk_overlap: int = 8
     batch_slices: int = 4  # slices per guided VAE call
@@ -91,6 +97,10 @@ class ResidualDiffusionConfig:
         if self.unet.condition_channels != 2 * self.vae.latent_channels:
             raise InputError("the U-Net's condition is the base latent and the thick latent: "
                              f"condition_channels must be {2 * self.vae.latent_channels}")
+        if self.inference.mean_estimator not in MEAN_ESTIMATORS:
+            raise InputError(f"mean_estimator must be one of {', '.join(MEAN_ESTIMATORS)}, got {self.inference.mean_estimator!r}")
+        if self.inference.mean_estimator == "x0_head" and self.diffusion.prediction_type != "v_prediction":
+            raise InputError("the x0 head needs v_prediction (at t = T, v is minus x0)")
         if self.inference.sampler not in SAMPLERS:
             raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.inference.sampler!r}")
         if not 0 <= self.inference.chunk_overlap < self.inference.chunk_depth:
@@ -136,6 +146,18 @@ def named_config(name: str) -> ResidualDiffusionConfig:
                                     attention_head_channels=16, conv="2+1d", norm_groups=8),
         )
     raise InputError(f"unknown residual diffusion config {name!r}; choose tiny or default")
+
+
+def posterior_mean_latent(unet: UNet3D, condition: torch.Tensor, positions: torch.Tensor,
+                          num_train_timesteps: int) -> torch.Tensor:
+    """The x0 head: minus the U-Net's v at the last timestep on a zero latent, (B, C, D, h, w).
+
+    At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
+    removes; trained with an unweighted MSE against the encoder's latent (min-SNR weights vanish at
+    t = T), it is the posterior mean of the residual latent in one pass."""
+    shape = (condition.shape[0], unet.config.latent_channels) + tuple(condition.shape[2:])
+    t = torch.full((condition.shape[0],), num_train_timesteps - 1, device=condition.device, dtype=torch.long)
+    return -unet(torch.zeros(shape, device=condition.device, dtype=condition.dtype), t, condition, positions)
 
 
 # --- the model folder --------------------------------------------------------------------------
@@ -228,21 +250,30 @@ class ResidualDiffusionInterpolator:
         thick_z = resample_depth(thick_z.permute(1, 0, 2, 3)[None], x)
         return torch.cat([base_z.permute(1, 0, 2, 3)[None], thick_z], dim=1)
 
+    def _over_depth(self, fn, condition: torch.Tensor) -> torch.Tensor:
+        """``fn(start, stop)`` -> a (1, C, chunk, h, w) latent, blended over overlapping depth chunks."""
+        inference = self.config.inference
+        shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
+        return blend_over_depth(fn, shape, inference.chunk_depth, inference.chunk_overlap, self.device)
+
     def sample_residual(self, condition: torch.Tensor, positions: torch.Tensor, sampler: str, steps: int,
                         generator: torch.Generator, on_step=None) -> torch.Tensor:
         from ..schedulers import sample, sampling_scheduler
 
-        inference = self.config.inference
         scheduler = sampling_scheduler(sampler, self.config.diffusion)
-        shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            def one_chunk(start: int, stop: int) -> torch.Tensor:
-                return self.unet(x_t[:, :, start:stop], t, condition[:, :, start:stop], positions[:, :, start:stop])
+            return self._over_depth(lambda a, b: self.unet(x_t[:, :, a:b], t, condition[:, :, a:b], positions[:, :, a:b]),
+                                    condition)
 
-            return blend_over_depth(one_chunk, tuple(x_t.shape), inference.chunk_depth, inference.chunk_overlap, self.device)
-
+        shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
         return sample(denoise, shape, scheduler, steps, generator, self.device, on_step)
+
+    def mean_residual(self, condition: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of the scaled residual latent by the x0 head, in depth chunks."""
+        steps = self.config.diffusion.num_train_timesteps
+        return self._over_depth(lambda a, b: posterior_mean_latent(self.unet, condition[:, :, a:b], positions[:, :, a:b],
+                                                                   steps), condition)
 
     def decode(self, latents: torch.Tensor, base_hu: np.ndarray) -> np.ndarray:
         """Scaled residual latents (1, C, D, h, w) and the padded base (D, H, W) -> HU (D, H, W)."""
@@ -258,13 +289,16 @@ class ResidualDiffusionInterpolator:
     def run(self, volume: Volume, target: Geometry, steps: Optional[int] = None, sampler: Optional[str] = None,
             samples: Optional[int] = None, consistency: bool = True, seed: Optional[int] = None,
             reporter=None) -> tuple[Volume, Optional[Volume]]:
-        """The posterior mean (``samples`` None: ``inference.mean_samples`` samples) with its
-        per-voxel standard deviation, or with ``samples=1`` one sample and no uncertainty."""
+        """``samples`` None: the default output, the posterior mean (``inference.mean_estimator``:
+        the x0 head, no uncertainty; or the mean of ``inference.mean_samples`` samples with their
+        per-voxel standard deviation). ``samples=1``: one realistic sample; ``samples=N``: the
+        mean of N samples with their standard deviation."""
         reporter = as_reporter(reporter)
         inference = self.config.inference
         steps = int(steps or inference.steps)
         sampler = sampler or inference.sampler
-        samples = int(inference.mean_samples if samples is None else samples)
+        head = samples is None and inference.mean_estimator == "x0_head"
+        samples = 1 if head else int(inference.mean_samples if samples is None else samples)
         self._check(volume, target, steps, sampler, samples)
         timings = dict.fromkeys(("base", "condition", "sample", "decode", "consistency"), 0.0)
         with torch.inference_mode():
@@ -287,8 +321,11 @@ class ResidualDiffusionInterpolator:
                 else:
                     generator.manual_seed(int(seed) + k)
                 t0 = time.perf_counter()
-                latents = self.sample_residual(condition, positions, sampler, steps, generator,
-                                               lambda i, n, k=k: reporter.update("sample", k * steps + i, samples * steps))
+                if head:
+                    latents = self.mean_residual(condition, positions)
+                else:
+                    latents = self.sample_residual(condition, positions, sampler, steps, generator,
+                                                   lambda i, n, k=k: reporter.update("sample", k * steps + i, samples * steps))
                 timings["sample"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 result = self.decode(latents, base_padded)[:, :height, :width]
@@ -301,9 +338,12 @@ class ResidualDiffusionInterpolator:
                 timings["consistency"] += time.perf_counter() - t0
                 moments.add(result)
         self.last_timings = timings
-        kind = "posterior mean" if samples > 1 else "one sample"
-        output = volume.derived(moments.mean, target, method="residual_diffusion", model=self.name, sampler=sampler,
-                                steps=steps, samples=samples, output=kind)
+        if head:
+            kind, details = "posterior mean", {"estimator": "x0 head"}
+        else:
+            kind = "posterior mean" if samples > 1 else "one sample"
+            details = {"sampler": sampler, "steps": steps, "samples": samples}
+        output = volume.derived(moments.mean, target, method="residual_diffusion", model=self.name, output=kind, **details)
         uncertainty = output.replace(moments.std(), quantity="standard deviation (HU)") if samples > 1 else None
         return output, uncertainty
 
