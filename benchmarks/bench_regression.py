@@ -1,10 +1,13 @@
-"""Benchmark: the ``regression`` method against B-spline, time and peak memory, in one run.
+"""Benchmark: the learned methods against B-spline, time and peak memory, in one run.
 
     .venv/bin/python benchmarks/bench_regression.py [--repeats 3] [--json docs/quality/bench_regression.json]
+    .venv/bin/python benchmarks/bench_regression.py --methods bspline,regression,residual_diffusion,residual_diffusion:samples=1 \
+        --cases 1 --json docs/quality/bench_residual_diffusion.json
 
 Each case runs ``ctsliceinterp interpolate`` in a fresh process (the peak resident memory is the
 process's own, read from ``getrusage`` as it exits), B-spline and regression alternating,
-``--repeats`` times; times are medians, memory the largest peak. Cases:
+``--repeats`` times; times are medians, memory the largest peak. A method ``NAME:samples=N`` runs
+``--method NAME --samples N``. Cases (``--cases``: their numbers, default all):
 - the bundled phantom (28 x 512 x 512, 5 mm) to 1 mm: the README's demo workload;
 - the same to 0.45 mm (a 300-slice output): memory must stay bounded by the output, since the
   network runs a few slices at a time.
@@ -38,10 +41,20 @@ PEAK_PROBE = (
 )
 
 
+def method_arguments(label: str) -> list[str]:
+    """``residual_diffusion:samples=1`` -> ``--method residual_diffusion --samples 1``."""
+    name, *settings = label.split(":")
+    arguments = ["--method", name]
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        arguments += [f"--{key}", value]
+    return arguments
+
+
 def run_once(method: str, spacing: float, out: Path) -> tuple[float, float]:
     """Seconds and peak resident memory (MiB) of one ``interpolate`` process."""
     command = [sys.executable, "-c", PEAK_PROBE, "interpolate", str(SAMPLE), "-o", str(out),
-               "--method", method, "--spacing", str(spacing), "--device", "cpu", "--no-progress"]
+               *method_arguments(method), "--spacing", str(spacing), "--device", "cpu", "--no-progress"]
     env = {"OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "Backend" / "src")}
     start = time.perf_counter()
     done = subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -54,23 +67,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    parser.add_argument("--cases", default=",".join(str(i + 1) for i in range(len(CASES))),
+                        help="case numbers, comma-separated: " + "; ".join(f"{i + 1}: {c[0]}" for i, c in enumerate(CASES)))
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cases = [CASES[int(i) - 1] for i in args.cases.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, spacing in CASES:
-            runs = {m: {"seconds": [], "peak_mib": []} for m in METHODS}
+        for label, spacing in cases:
+            runs = {m: {"seconds": [], "peak_mib": []} for m in methods}
             for _ in range(args.repeats):
-                for method in METHODS:  # alternating, so a slow spell of the machine hits both
-                    seconds, peak = run_once(method, spacing, Path(tmp) / f"{method}.nrrd")
+                for index, method in enumerate(methods):  # alternating, so a slow spell of the machine hits all
+                    seconds, peak = run_once(method, spacing, Path(tmp) / f"out{index}.nrrd")
                     runs[method]["seconds"].append(seconds)
                     runs[method]["peak_mib"].append(peak)
             row = {"case": label, "spacing_mm": spacing}
-            for method in METHODS:
+            for method in methods:
                 row[method] = {"median_seconds": statistics.median(runs[method]["seconds"]),
                                "seconds": runs[method]["seconds"], "peak_mib": max(runs[method]["peak_mib"])}
             results.append(row)
             print(f"{label}: " + ", ".join(f"{m} {row[m]['median_seconds']:.1f} s (peak {row[m]['peak_mib']:.0f} MiB)"
-                                           for m in METHODS))
+                                           for m in methods))
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": THREADS,
                           "cpus": __import__("os").cpu_count()}, "repeats": args.repeats, "results": results}
     if args.json:

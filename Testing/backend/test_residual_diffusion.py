@@ -185,3 +185,18 @@ def test_diffusion_loss_falls_on_real_ct(trained_folders):
     after = held_out_loss()
     print(before, after)
     assert after < 0.9 * before  # about 0.81 after 30 steps, 0.80 after 60 (measured)
+
+
+def test_k8s_manifest_trains_both_stages_with_torchrun_on_the_pvc_and_resumes():
+    import yaml
+
+    k8s = REPO_ROOT / "Training" / "k8s"
+    claim = yaml.safe_load((k8s / "pvc.yaml").read_text())["metadata"]["name"]
+    pod = yaml.safe_load((k8s / "train-residual-diffusion.yaml").read_text())["spec"]["template"]["spec"]
+    command = " ".join(pod["containers"][0]["args"])
+    vae, diffusion = command.index("Training/train_guided_vae.py"), command.index("Training/train_residual_diffusion.py")
+    assert "torchrun" in command and vae < diffusion and command.count("--resume") == 2
+    assert "vae_checkpoint=$R/guided_vae/model" in command  # the U-Net stage takes the VAE stage's export
+    for config in ("guided_vae.yaml", "residual_diffusion.yaml"):
+        assert f"Training/configs/{config}" in command and (REPO_ROOT / "Training" / "configs" / config).is_file()
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
