@@ -200,3 +200,25 @@ def test_k8s_manifest_trains_both_stages_with_torchrun_on_the_pvc_and_resumes():
     for config in ("guided_vae.yaml", "residual_diffusion.yaml"):
         assert f"Training/configs/{config}" in command and (REPO_ROOT / "Training" / "configs" / config).is_file()
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
+
+
+def test_guided_vae_reconstruction_script_scores_the_vae_against_its_base(trained_folders, tmp_path):
+    import guided_vae_reconstruction
+
+    from ctsliceinterp.io import read_volume, write_volume
+
+    thick = read_volume(SAMPLE)  # 28 slices of 5 mm, used here as the "thin" reference of 15 mm slabs
+    g = thick.geometry
+    crop = Volume(np.asarray(thick.array[:, 200:248, 200:248], dtype=np.float32),
+                  type(g)((28, 48, 48), g.spacing, tuple(g.index_to_physical([200, 200, 0])), g.direction))
+    write_volume(crop, tmp_path / "thin.nii.gz")
+    out = tmp_path / "reconstruction.json"
+    assert guided_vae_reconstruction.main(["--model", str(trained_folders / "vae" / "model"), "--thin",
+                                           str(tmp_path / "thin.nii.gz"), "--thickness", "15", "--slices", "6",
+                                           "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["slice_indices"][1] - report["slice_indices"][0] == 6 and report["in_plane"] == [48, 48]
+    for label in ("window", "full"):
+        scores = report[f"psnr_{label}_db"]
+        assert all(np.isfinite(v) for v in scores.values())
+        assert report[f"gain_over_base_{label}_db"] == pytest.approx(scores["guided_vae"] - scores["base"])
