@@ -38,6 +38,8 @@ from CTSliceInterpLib.logic import (
     ProcessingError,
     classical_choice,
     method_options,
+    samples_default_label,
+    samples_help,
 )
 from CTSliceInterpLib.session import describe_error
 
@@ -59,8 +61,9 @@ class CTSliceInterp(ScriptedLoadableModule):
         self.parent.contributors = ["CTSliceInterp contributors"]
         self.parent.helpText = _(
             "Turns a thick-slice CT (e.g. 5 mm) into a thin-slice CT (e.g. 1 mm) with a through-plane "
-            "regression network (the default), latent diffusion or B-spline interpolation, locally (CPU/GPU) "
-            "or on a remote server. The result is a new volume "
+            "regression network (the default), latent diffusion, residual latent diffusion (by default its "
+            "posterior-mean estimate; Samples 1: one realistic sample) or B-spline interpolation, locally "
+            "(CPU/GPU) or on a remote server. The result is a new volume "
             "with exact geometry, shown side by side with the input in linked views. "
             "Research software, not for diagnosis. "
             '<a href="https://github.com/ctsliceinterp/CTSliceInterp/blob/main/docs/slicer.md">Documentation</a>.'
@@ -80,7 +83,7 @@ class CTSliceInterpParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     spacing: Annotated[float, WithinRange(0.1, 10.0)] = 1.0
     steps: Annotated[int, WithinRange(0, 1000)] = 0
-    samples: Annotated[int, WithinRange(1, 16)] = 1
+    samples: Annotated[int, WithinRange(0, 16)] = 0  # 0: the method's default output (sent as None)
     consistency: bool = True
     showUncertainty: bool = True
     # Not bound to widgets (the widget handles them): the method's value behind its label, the
@@ -203,7 +206,10 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         remote = self.ui.remoteRadioButton.checked
         self.ui.remoteSettingsWidget.setVisible(remote)
-        options = method_options(self._currentMethod())  # what the chosen method takes (registry)
+        method = self._currentMethod()
+        options = method_options(method)  # what the chosen method takes (registry)
+        self.ui.samplesSpinBox.specialValueText = samples_default_label(method)
+        self.ui.samplesSpinBox.toolTip = samples_help(method)
         for widget, option in ((self.ui.stepsSpinBox, "steps"), (self.ui.samplesSpinBox, "samples"),
                                (self.ui.consistencyCheckBox, "consistency")):
             widget.enabled = option in options and self._run is None
@@ -429,7 +435,7 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self._run = self.logic.start(
                 p.inputVolume, p.outputVolume, spacing=p.spacing, method=self._currentMethod(),
-                steps=p.steps or None, samples=p.samples, consistency=p.consistency, server=server, token=token,
+                steps=p.steps or None, samples=p.samples or None, consistency=p.consistency, server=server, token=token,
                 showUncertainty=p.showUncertainty, caFile=caFile,
             )
         except Exception as exc:  # noqa: BLE001 - bad input: a clear message, nothing created
@@ -496,7 +502,7 @@ class CTSliceInterpLogic(ScriptedLoadableModuleLogic, InterpolationLogic):
     def getParameterNode(self):
         return CTSliceInterpParameterNode(super().getParameterNode())
 
-    def process(self, inputVolume, outputVolume=None, spacing=1.0, method=DEFAULT_METHOD, steps=None, samples=1,
+    def process(self, inputVolume, outputVolume=None, spacing=1.0, method=DEFAULT_METHOD, steps=None, samples=None,
                 consistency=True, server=None, token=None, blocking=True, progressCallback=None, caFile=None,
                 **kwargs):
         def keepPainting(status):

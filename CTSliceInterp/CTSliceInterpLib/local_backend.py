@@ -30,6 +30,7 @@ from .backend_path import backend_source_dir, ensure_backend_importable
 
 ensure_backend_importable()
 
+from ctsliceinterp.api import METHODS  # noqa: E402 - the registry (numpy only): each method's model marker
 from ctsliceinterp.core.errors import CTSliceInterpError  # noqa: E402
 from ctsliceinterp.serving.access import TOKEN_ENV  # noqa: E402 - the variable the server reads
 
@@ -278,17 +279,23 @@ def _stop_all_backends() -> None:
 MODELS_ENVIRONMENT_VARIABLE = "CTSLICEINTERP_MODELS"
 
 
+def is_model_folder(folder: Path) -> bool:
+    """True when ``folder`` holds a learned method's checkpoint file (``Method.checkpoint_file``)."""
+    return any((folder / m.checkpoint_file).is_file() for m in METHODS.values() if m.checkpoint_file)
+
+
 def local_model_specs() -> list[str]:
     """Models the local backend serves: those shipped in the bundled package
-    (``ctsliceinterp/models/weights/<name>/model.json``) and the checkpoint folders listed in
+    (``ctsliceinterp/models/weights/<name>/``, each method's that is installed; a shipped model
+    whose weights are absent is skipped) and the checkpoint folders listed in
     ``$CTSLICEINTERP_MODELS`` (separated by the OS path separator). Found without importing torch."""
     specs = []
     source = backend_source_dir()
     weights = None if source is None else source / "ctsliceinterp" / "models" / "weights"
     if weights is not None and weights.is_dir():
-        specs += [str(folder) for folder in sorted(weights.iterdir()) if (folder / "model.json").is_file()]
+        specs += [str(folder) for folder in sorted(weights.iterdir()) if is_model_folder(folder)]
     for folder in os.environ.get(MODELS_ENVIRONMENT_VARIABLE, "").split(os.pathsep):
-        if folder.strip() and (Path(folder.strip()).expanduser() / "model.json").is_file():
+        if folder.strip() and is_model_folder(Path(folder.strip()).expanduser()):
             specs.append(str(Path(folder.strip()).expanduser()))
     return specs
 

@@ -21,6 +21,7 @@ from ctsliceinterp.api import (  # noqa: E402
     CLASSICAL_FALLBACK,
     DIFFUSION_METHOD,
     METHODS,
+    RESIDUAL_DIFFUSION_METHOD,
     InterpolationRequest,
 )
 from ctsliceinterp.api import DEFAULT_METHOD as BACKEND_DEFAULT_METHOD  # noqa: E402
@@ -64,28 +65,61 @@ class Run:
         self.session.cancel()
 
 
+def _menu_method(method: str) -> str:
+    """The registry method of a menu choice (a method, or the name of a server's diffusion model)."""
+    choice = (method or DEFAULT_METHOD).strip().lower()
+    return choice if choice in METHODS else DIFFUSION_METHOD
+
+
 def method_options(method: str) -> tuple:
     """The request options a menu choice takes (from the registry): the widget enables those."""
-    choice = (method or DEFAULT_METHOD).strip().lower()
-    return METHODS[choice if choice in METHODS else DIFFUSION_METHOD].options
+    return METHODS[_menu_method(method)].options
 
 
-def job_request(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
+def samples_help(method: str) -> str:
+    """What the Samples box gives for a menu choice (its tooltip): which output is which."""
+    name = _menu_method(method)
+    if name == RESIDUAL_DIFFUSION_METHOD:
+        return _("Posterior mean (default): the posterior-mean estimate, the most faithful output. 1: one "
+                 "realistic sample. 2 or more: the mean of that many samples, with their spread (in HU) as an "
+                 "uncertainty map.")
+    if "samples" in METHODS[name].options:
+        return _("Default: one sample. 2 or more: the mean of that many samples, with their spread (in HU) as an "
+                 "uncertainty map.")
+    return _("This method takes no samples.")
+
+
+def samples_default_label(method: str) -> str:
+    """The Samples box's text at 0 (the request leaves samples to the method) for a menu choice."""
+    if _menu_method(method) == RESIDUAL_DIFFUSION_METHOD:
+        return _("Posterior mean (default)")
+    return _("1 sample (default)")
+
+
+def menu_label(name: str, method: str, device: str) -> str:
+    """A server model's method menu entry; residual diffusion says which output is which."""
+    label = _("{name} ({method}, {device})").format(name=name, method=method, device=device)
+    if method == RESIDUAL_DIFFUSION_METHOD:
+        label += _(": posterior mean by default; Samples 1: one realistic sample")
+    return label
+
+
+def job_request(method: str, spacing: float, steps=None, samples: Optional[int] = None, consistency: bool = True,
                 seed=None) -> InterpolationRequest:
     """The request for a menu choice: ``method`` is a method of the backend's registry
     (``bspline``, ``diffusion`` = the server's default diffusion model, ...) or the name of one of
-    the server's diffusion models. Only the options that method takes are sent."""
+    the server's diffusion models. Only the options that method takes are sent; ``samples`` None:
+    the method's default output (residual_diffusion: the posterior mean)."""
     choice = (method or DEFAULT_METHOD).strip()
     name, model = (choice.lower(), None) if choice.lower() in METHODS else (DIFFUSION_METHOD, choice)
     entry = METHODS[name]
     if entry.classical:
         return InterpolationRequest(method=name, spacing=float(spacing))
     options = {}
-    if "samples" in entry.options:
-        samples = 1 if samples is None else int(samples)
-        if samples < 1:
+    if "samples" in entry.options and samples is not None:
+        if int(samples) < 1:
             raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
-        options["samples"] = samples
+        options["samples"] = int(samples)
     if "steps" in entry.options and steps:
         options["steps"] = int(steps)
     if "consistency" in entry.options:
@@ -95,7 +129,7 @@ def job_request(method: str, spacing: float, steps=None, samples: int = 1, consi
     return InterpolationRequest(method=name, spacing=float(spacing), model=model, **options)
 
 
-def job_parameters(method: str, spacing: float, steps=None, samples: int = 1, consistency: bool = True,
+def job_parameters(method: str, spacing: float, steps=None, samples: Optional[int] = None, consistency: bool = True,
                    seed=None) -> dict:
     """Server job parameters for a menu choice (``job_request(...).to_params()``)."""
     return job_request(method, spacing, steps, samples, consistency, seed).to_params()
@@ -175,7 +209,7 @@ class InterpolationLogic:
 
     # --- processing -----------------------------------------------------------------------
     def start(self, inputVolume, outputVolume=None, spacing: float = 1.0, method: str = DEFAULT_METHOD,
-              steps=None, samples: int = 1, consistency: bool = True, server: Optional[str] = None,
+              steps=None, samples: Optional[int] = None, consistency: bool = True, server: Optional[str] = None,
               token: Optional[str] = None, seed=None, showResult: bool = True, showUncertainty: bool = True,
               caFile: Optional[str] = None) -> Run:
         """Check the inputs and start a run in the background; returns at once.
@@ -244,7 +278,7 @@ class InterpolationLogic:
         return output
 
     def process(self, inputVolume, outputVolume=None, spacing: float = 1.0, method: str = DEFAULT_METHOD,
-                steps=None, samples: int = 1, consistency: bool = True, server: Optional[str] = None,
+                steps=None, samples: Optional[int] = None, consistency: bool = True, server: Optional[str] = None,
                 token: Optional[str] = None, blocking: bool = True,
                 progressCallback: Optional[Callable[[SessionStatus], None]] = None, seed=None,
                 showResult: bool = True, timeout: Optional[float] = None, caFile: Optional[str] = None):
@@ -290,8 +324,7 @@ class InterpolationLogic:
             if method not in METHODS or METHODS[method].classical:
                 continue  # B-spline is listed already; a method this Lib does not know is not offered
             value = model["name"] if method == DIFFUSION_METHOD else method
-            methods.append((_("{name} ({method}, {device})").format(name=model["name"], method=method,
-                                                                    device=model.get("device", "?")), value))
+            methods.append((menu_label(model["name"], method, model.get("device", "?")), value))
         return methods
 
     def showUncertainty(self, outputVolume, visible: bool = True) -> bool:

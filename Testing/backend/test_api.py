@@ -88,3 +88,82 @@ def test_the_package_exports_the_public_api_on_first_use():
         import ctsliceinterp
 
         ctsliceinterp.nothing
+
+
+# --- residual_diffusion: registered, and "samples unset" means the method's default -------------
+def test_residual_diffusion_is_registered_and_its_folder_recognised(tmp_path):
+    entry = api.get_method("residual_diffusion")
+    assert entry.pipeline == "ctsliceinterp.pipelines.residual_diffusion:ResidualDiffusionInterpolator"
+    assert entry.default_model == "residual_diffusion" and entry.checkpoint_file == "residual_diffusion.json"
+    assert set(entry.options) == {"steps", "sampler", "samples", "consistency", "seed"}
+    assert "posterior-mean estimate" in entry.description and "samples 1 one realistic sample" in entry.description
+    assert "residual_diffusion" in api.SHIPPED_MODELS and "residual_diffusion" in api.available_methods()
+    (tmp_path / "rd").mkdir()
+    (tmp_path / "rd" / "residual_diffusion.json").write_text("{}")
+    assert api.model_method(str(tmp_path / "rd")) == "residual_diffusion"
+
+
+@pytest.mark.parametrize("samples", [None, 1, 3])
+def test_samples_travel_only_when_set(samples):
+    request = InterpolationRequest(method="residual_diffusion", spacing=1.0, samples=samples)
+    params = request.to_params()
+    assert ("samples" in params) == (samples is not None) and params.get("samples") == samples
+    assert InterpolationRequest.from_params(params).samples == samples
+    assert InterpolationRequest.from_params({**params, "samples": None}).samples is None
+    assert InterpolationRequest().samples is None  # unset: the method's default output
+
+
+class _Recorder:
+    """A loaded model that records the options ``interpolate`` hands its ``run``."""
+
+    def run(self, volume, target, reporter=None, **options):
+        self.options = options
+        return volume.derived(np.zeros(target.shape, np.float32), target)
+
+
+@pytest.mark.parametrize("samples", [None, 2])
+def test_interpolate_hands_samples_unset_to_the_pipeline(make_volume, samples):
+    model = _Recorder()
+    api.interpolate(make_volume(shape=(3, 8, 8)), InterpolationRequest(method="residual_diffusion", samples=samples),
+                    interpolator=model)
+    assert model.options["samples"] == samples and model.options["consistency"] is True
+
+
+def _weights(tmp_path, monkeypatch, *installed):
+    """A package weights folder holding only ``installed`` (each a marker file, no torch needed)."""
+    for name in installed:
+        marker = api.METHODS[{"regression": "regression", "default": "diffusion"}.get(name, name)].checkpoint_file
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    monkeypatch.setattr(api, "WEIGHTS_DIR", tmp_path)
+
+
+def test_a_shipped_model_without_weights_is_named_not_served(tmp_path, monkeypatch):
+    _weights(tmp_path, monkeypatch, "regression", "default")
+    assert not api.shipped_model_available("residual_diffusion")
+    for call in (lambda: api.model_method("residual_diffusion"), lambda: api.load_model("residual_diffusion"),
+                 lambda: api.load_model("residual_diffusion", "residual_diffusion")):
+        with pytest.raises(InputError, match="^the shipped model 'residual_diffusion' is not installed") as error:
+            call()
+        assert "\n" not in str(error.value)
+    from ctsliceinterp.cli import build_parser
+    from ctsliceinterp.commands.serve import server_config
+
+    assert server_config(build_parser().parse_args(["serve"])).models == ["regression", "default"]
+    from ctsliceinterp.commands.interpolate import build_request
+
+    args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "residual_diffusion"])
+    assert build_request(args).method == "residual_diffusion"  # whose loader then says it is not installed
+
+
+def test_a_shipped_model_is_picked_up_once_its_weights_are_there(tmp_path, monkeypatch):
+    _weights(tmp_path, monkeypatch, "residual_diffusion")
+    from ctsliceinterp.cli import build_parser
+    from ctsliceinterp.commands.serve import server_config
+
+    assert api.shipped_model_available("residual_diffusion") and api.model_method("residual_diffusion") == "residual_diffusion"
+    assert server_config(build_parser().parse_args(["serve"])).models == ["residual_diffusion"]
+    # The package's default learned method falls back to B-spline while its own model is absent.
+    learned_model = api.METHODS[api.DEFAULT_LEARNED_METHOD].default_model
+    expected = api.DEFAULT_LEARNED_METHOD if learned_model == "residual_diffusion" else api.CLASSICAL_FALLBACK
+    assert api.default_method() == expected

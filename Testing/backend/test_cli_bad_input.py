@@ -204,7 +204,7 @@ def test_uncertainty_with_a_classical_method_is_refused_not_ignored(tmp_path, ca
     code = main(["interpolate", str(source), "-o", str(tmp_path / "out.nrrd"), "--method", "bspline",
                  "--samples", "2", "--uncertainty", str(tmp_path / "std.nrrd"), "--no-progress"])
     assert code != 0
-    assert "need the diffusion method" in capsys.readouterr().err
+    assert "need a sampling method (diffusion or residual_diffusion), not bspline" in capsys.readouterr().err
     assert not (tmp_path / "out.nrrd").exists() and not (tmp_path / "std.nrrd").exists()
 
 

@@ -49,3 +49,73 @@ def test_regression_job_through_the_server_matches_in_process(start_server):
     assert_same_volume(thin, local)
     with pytest.raises(InputRejected, match="no diffusion model"):
         client.submit(thick, {"method": "diffusion"})
+
+
+# --- residual_diffusion ---------------------------------------------------------------------
+def _tiny_residual_model(folder):
+    """A tiny, untrained residual diffusion model folder whose heads act (a zero head would return
+    the regression base whatever the sampling)."""
+    import torch
+
+    from ctsliceinterp.models.guided_vae import GuidedSliceVAE
+    from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet
+    from ctsliceinterp.models.unet import UNet3D
+    from ctsliceinterp.pipelines.residual_diffusion import named_config, save_residual_model
+
+    config = named_config("tiny")
+    torch.manual_seed(0)
+    vae, unet = GuidedSliceVAE(config.vae), UNet3D(config.unet)
+    regression = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8)))
+    for p in (*vae.head[-1].parameters(), *unet.conv_out.parameters(), *regression.head.parameters()):
+        torch.nn.init.normal_(p, std=0.02)
+    return save_residual_model(folder, vae, regression, config, unet)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_residual_diffusion_through_the_server_default_and_two_samples(start_server, tmp_path, capsys):
+    from ctsliceinterp.cli import main
+    from ctsliceinterp.io import read_volume, write_volume
+
+    folder = _tiny_residual_model(tmp_path / "rd_tiny")
+    server = start_server(models=[str(folder)], device="cpu")
+    client = Client(server.url)
+    listed = {m["name"]: m for m in client.models()}
+    assert listed["rd_tiny"]["method"] == "residual_diffusion"
+    thick = _thick()
+    # The default output: the posterior mean (the x0 head), no uncertainty, as in process.
+    thin, uncertainty = client.run(thick, {"method": "residual_diffusion", "spacing": 1.0}, poll_interval=0.05,
+                                   busy_timeout=30, deadline=60)  # a broken server fails the test, not hangs it
+    local = interpolate(thick, InterpolationRequest(method="residual_diffusion", model=str(folder), spacing=1.0,
+                                                    device="cpu"))
+    assert uncertainty is None and local.uncertainty is None
+    assert_same_volume(thin, local.volume)
+    # --samples 2 through the CLI and the client: the mean and its standard deviation.
+    write_volume(thick, tmp_path / "thick.nrrd")
+    code = main(["interpolate", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "mean.nrrd"), "--server", server.url,
+                 "--method", "residual_diffusion", "--samples", "2", "--seed", "0", "--uncertainty",
+                 str(tmp_path / "std.nrrd"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    mean, std = read_volume(tmp_path / "mean.nrrd"), read_volume(tmp_path / "std.nrrd")
+    assert std.shape == mean.shape == thin.shape and float(std.array.max()) > 0.0
+    assert not np.allclose(mean.array, thin.array, atol=1e-2)  # two samples' mean is not the x0 head's
+
+
+def test_a_server_without_a_residual_model_names_it(start_server):
+    server = start_server(models=["regression"], device="cpu")
+    with pytest.raises(InputRejected, match="serves no residual_diffusion model"):
+        Client(server.url).submit(_thick(), {"method": "residual_diffusion"})
+
+
+@pytest.mark.parametrize("samples, voxels, volumes", [(None, 1, 1), (1, 1, 1), (3, 3, 2)])
+def test_a_job_without_samples_counts_as_one_output_volume(samples, voxels, volumes):
+    from ctsliceinterp.core.grid import thin_grid
+    from ctsliceinterp.serving.server.intake import VolumeTooLarge, _check_output_size
+    from ctsliceinterp.serving.server.jobs import Job
+
+    target = thin_grid(_thick().geometry, 1.0)
+    job = Job("id", InterpolationRequest(method="residual_diffusion", samples=samples), None, target)
+    size = int(np.prod(target.shape))
+    assert job.output_voxels == voxels * size and job.result_bytes == volumes * 4 * size
+    _check_output_size(target.shape, samples, voxels * size)  # at the limit: accepted
+    with pytest.raises(VolumeTooLarge):
+        _check_output_size(target.shape, samples, voxels * size - 1)

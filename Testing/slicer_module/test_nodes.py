@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import types
+
 import numpy as np
 import pytest
 import slicer
@@ -251,7 +254,7 @@ def test_job_parameters_follow_the_method_registry():
         request = InterpolationRequest.from_params(logic.job_parameters(name, 1.0, steps=3, samples=2, seed=5))
         assert request.method == name
         if entry.classical:
-            assert (request.steps, request.samples, request.seed) == (None, 1, None)
+            assert (request.steps, request.samples, request.seed) == (None, None, None)
         else:
             assert (request.steps == 3) == ("steps" in entry.options)
             assert (request.samples == 2) == ("samples" in entry.options)
@@ -275,3 +278,64 @@ def test_a_session_ends_only_once_its_result_is_stored(make_volume):
     session._on_progress(JobProgress("done", 1, 1, state="done", message="done", job_id="j"))
     assert not session.poll().finished and session.result is None
     assert session.job_id == "j"
+
+
+@pytest.mark.parametrize("samples", [None, 1, 3])
+def test_samples_unset_is_left_to_the_method(samples):
+    """The widget's 0 ("Posterior mean (default)") is sent as None: no samples field, so the
+    server's pipeline gives the method's default output (residual_diffusion: the posterior mean)."""
+    from ctsliceinterp.api import InterpolationRequest
+
+    for method in ("residual_diffusion", "tiny"):
+        params = logic.job_parameters(method, 1.0, samples=samples)
+        assert params.get("samples") == samples and ("samples" in params) == (samples is not None)
+        assert InterpolationRequest.from_params(params).samples == samples
+    assert logic.job_request("residual_diffusion", 1.0, samples=samples).method == "residual_diffusion"
+
+
+def test_the_samples_box_says_which_output_is_which():
+    assert logic.samples_default_label("residual_diffusion") == "Posterior mean (default)"
+    assert logic.samples_default_label("tiny") == "1 sample (default)"  # a diffusion model: one sample
+    assert "1: one realistic sample" in logic.samples_help("residual_diffusion")
+    assert "posterior-mean estimate" in logic.samples_help("residual_diffusion")
+    assert "one realistic sample" not in logic.samples_help("tiny")
+    assert logic.samples_help("bspline") == "This method takes no samples."
+
+
+def test_the_method_menu_offers_a_served_residual_model_with_its_outputs_named():
+    class FakeTarget:
+        timeout = None
+
+        def connect(self, cancel):
+            client = types.SimpleNamespace()
+            client.models = lambda: [
+                {"name": "bspline", "method": "bspline", "device": "cpu"},
+                {"name": "tiny", "method": "diffusion", "device": "cpu"},
+                {"name": "residual_diffusion", "method": "residual_diffusion", "device": "cpu"},
+            ]
+            return client
+
+    methods = logic.InterpolationLogic._methods_of(FakeTarget(), 5.0, None)
+    labels = {value: label for label, value in methods}
+    assert set(labels) == {"bspline", "tiny", "residual_diffusion"}
+    assert labels["residual_diffusion"] == ("residual_diffusion (residual_diffusion, cpu): posterior mean by default; "
+                                            "Samples 1: one realistic sample")
+    assert labels["tiny"] == "tiny (diffusion, cpu)"
+
+
+def test_the_local_backend_serves_every_installed_model_and_skips_absent_weights(tmp_path, monkeypatch):
+    from CTSliceInterpLib import local_backend
+
+    weights = tmp_path / "src" / "ctsliceinterp" / "models" / "weights"
+    for name, marker in (("default", "model.json"), ("regression", "regression.json"), ("residual_diffusion", None)):
+        (weights / name).mkdir(parents=True)
+        if marker:
+            (weights / name / marker).write_text("{}")
+    extra = tmp_path / "my_rd"
+    extra.mkdir()
+    (extra / "residual_diffusion.json").write_text("{}")
+    monkeypatch.setattr(local_backend, "backend_source_dir", lambda: tmp_path / "src")
+    monkeypatch.setenv(local_backend.MODELS_ENVIRONMENT_VARIABLE, os.pathsep.join([str(extra), str(tmp_path / "none")]))
+    assert local_backend.local_model_specs() == [str(weights / "default"), str(weights / "regression"), str(extra)]
+    (weights / "residual_diffusion" / "residual_diffusion.json").write_text("{}")  # its weights arrive
+    assert str(weights / "residual_diffusion") in local_backend.local_model_specs()

@@ -230,3 +230,28 @@ def test_cleanup_cancels_the_model_query_and_the_run(widget, monkeypatch):
     widget._methodsQuery.cancel.assert_called_once()
     widget._run.cancel.assert_called_once()
     assert stopped == [True]
+
+
+def test_the_samples_box_follows_the_method_and_zero_is_sent_as_the_default(widget, scene):
+    """0 in the Samples box is "Posterior mean (default)" for residual_diffusion and reaches the
+    Lib as samples=None (the method's default); 1 stays one realistic sample."""
+    widget._setMethods([("B-spline (classical)", "bspline"), ("rd", "residual_diffusion"), ("tiny", "tiny")])
+    widget.ui.methodComboBox.setCurrentIndex(1)
+    widget.onMethodChanged(1)
+    assert widget.ui.samplesSpinBox.enabled
+    assert widget.ui.samplesSpinBox.specialValueText == "Posterior mean (default)"
+    assert "1: one realistic sample" in widget.ui.samplesSpinBox.toolTip
+    widget.ui.methodComboBox.setCurrentIndex(2)
+    widget.onMethodChanged(2)
+    assert widget.ui.samplesSpinBox.specialValueText == "1 sample (default)"
+    widget.ui.methodComboBox.setCurrentIndex(1)
+    widget.onMethodChanged(1)
+    widget._parameterNode.inputVolume = testing.add_synthetic_thick_node(scene)
+    assert widget._parameterNode.samples == 0  # the parameter's default
+    sent = []
+    for samples in (0, 1):
+        widget._parameterNode.samples = samples
+        with mock.patch.object(widget.logic, "start", side_effect=lambda *a, **k: sent.append(k) or None), \
+                mock.patch.object(widget, "_ensureLocalBackendInstalled", return_value=True):
+            widget.onApplyButton()
+    assert [(k["method"], k["samples"]) for k in sent] == [("residual_diffusion", None), ("residual_diffusion", 1)]

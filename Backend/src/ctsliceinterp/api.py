@@ -51,6 +51,8 @@ class Method:
 REGRESSION_METHOD = "regression"
 REGRESSION_MODEL = "regression"  # the network shipped in ctsliceinterp/models/weights/regression
 DIFFUSION_METHOD = "diffusion"
+RESIDUAL_DIFFUSION_METHOD = "residual_diffusion"
+RESIDUAL_DIFFUSION_MODEL = "residual_diffusion"  # ctsliceinterp/models/weights/residual_diffusion
 CLASSICAL_FALLBACK = "bspline"  # the default when no learned default model ships
 DEFAULT_MODEL = "default"  # the diffusion model shipped in ctsliceinterp/models/weights/default
 # The default when its shipped model is installed: the best method on held-out CT (docs/quality.md).
@@ -77,6 +79,16 @@ METHODS: dict[str, Method] = {
             default_model=DEFAULT_MODEL,
             options=("steps", "sampler", "samples", "consistency", "seed"),
             checkpoint_file="model.json",
+        ),
+        Method(
+            RESIDUAL_DIFFUSION_METHOD,
+            "residual latent diffusion around the regression estimate (guided VAE + 3-D latent U-Net), "
+            "consistent with the thick slices; by default the posterior-mean estimate, with samples 1 "
+            "one realistic sample, with samples N > 1 the mean of N samples and their standard deviation",
+            pipeline="ctsliceinterp.pipelines.residual_diffusion:ResidualDiffusionInterpolator",
+            default_model=RESIDUAL_DIFFUSION_MODEL,
+            options=("steps", "sampler", "samples", "consistency", "seed"),
+            checkpoint_file="residual_diffusion.json",
         ),
     )
 }
@@ -107,8 +119,15 @@ def model_method(model: str) -> str:
     for method in METHODS.values():
         if method.checkpoint_file and (folder / method.checkpoint_file).is_file():
             return method.name
+    if str(model) in SHIPPED_MODELS:
+        raise InputError(_not_installed(str(model)))
     markers = " or ".join(m.checkpoint_file for m in METHODS.values() if m.checkpoint_file)
     raise InputError(f"model {str(model)[:80]!r}: not a shipped model nor a folder holding {markers}")
+
+
+def _not_installed(name: str) -> str:
+    return (f"the shipped model {name!r} is not installed (no weights in {WEIGHTS_DIR / name}); "
+            f"give a checkpoint folder with --model, or another method")
 
 
 def shipped_model_available(name: str = DEFAULT_MODEL) -> bool:
@@ -149,7 +168,9 @@ class InterpolationRequest:
     model: Optional[str] = None
     steps: Optional[int] = None
     sampler: Optional[str] = None
-    samples: int = 1
+    # None: the method's default output (residual_diffusion: the posterior mean; diffusion: one
+    # sample); 1: one realistic sample; N > 1: the mean of N samples and their standard deviation.
+    samples: Optional[int] = None
     # Thick-slice consistency correction; None: the method's default (on for learned methods, off
     # for the classical ones, so that their names keep meaning the textbook operators).
     consistency: Optional[bool] = None
@@ -164,10 +185,9 @@ class InterpolationRequest:
             params["method"] = self.method
         if self.target is not None:
             params["target"] = self.target.to_dict()
-        for key in ("model", "steps", "sampler", "seed"):
+        for key in ("model", "steps", "sampler", "samples", "seed"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
-        params["samples"] = int(self.samples)
         if self.consistency is not None:
             params["consistency"] = bool(self.consistency)
         return params
@@ -201,7 +221,7 @@ class InterpolationRequest:
             model=_identifier(params, "model"),
             steps=_integer(params, "steps", 1, MAX_STEPS),
             sampler=_identifier(params, "sampler"),
-            samples=_integer(params, "samples", 1, MAX_SAMPLES) or 1,
+            samples=_integer(params, "samples", 1, MAX_SAMPLES),
             consistency=consistency,
             seed=_integer(params, "seed", 0, 2**63 - 1),
             device=device,
@@ -247,9 +267,13 @@ def load_model(method: str, model: Optional[str] = None, device: str = "auto", *
     entry = get_method(method)
     if entry.classical:
         raise InputError(f"{method} is a classical method: it has no model to load")
+    model = model or entry.default_model
+    # A shipped name (not a folder of that name here) whose weights are absent: say so, before torch.
+    if str(model) in SHIPPED_MODELS and not Path(model).expanduser().is_dir() and not shipped_model_available(model):
+        raise InputError(_not_installed(str(model)))
     module, _, name = entry.pipeline.partition(":")
     pipeline = getattr(importlib.import_module(module), name)
-    return pipeline.load(model or entry.default_model, device=device, **options)
+    return pipeline.load(model, device=device, **options)
 
 
 def interpolate(

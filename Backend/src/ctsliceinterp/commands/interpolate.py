@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
+from ..api import DEFAULT_METHOD, DIFFUSION_METHOD, METHODS, SERVER_DEFAULT, available_methods, get_method
 from ..core.grid import DEFAULT_SPACING_MM
 from .common import TqdmProgress, add_input_arguments, method_of_model
 
@@ -18,13 +18,16 @@ def configure_parser(parser) -> None:
     grid.add_argument("--like", metavar="REF", help="put the output on the slice positions of this reference volume")
     parser.add_argument("--like-series", choices=["thick", "thin"], help="series of a case ZIP/folder given to --like")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
-    model = parser.add_argument_group("model options (learned methods; the sampling ones are diffusion's)")
+    model = parser.add_argument_group("model options (learned methods; the sampling ones are the diffusion methods')")
     model.add_argument("--model", help="model name or checkpoint folder (default: the method's shipped model); "
                                         "without --method it names its own method")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
-    model.add_argument("--samples", type=int, default=1, help="samples to average; >1 also gives an uncertainty map")
-    model.add_argument("--uncertainty", metavar="PATH", help="write the per-voxel standard deviation (needs --samples > 1)")
+    model.add_argument("--samples", type=int, default=None, metavar="N",
+                       help="default: the method's default output (the posterior mean for residual_diffusion, one "
+                            "sample for diffusion); 1: one realistic sample; N > 1: the mean of N samples, with their "
+                            "per-voxel standard deviation as an uncertainty map")
+    model.add_argument("--uncertainty", metavar="PATH", help="write the per-voxel standard deviation (needs --samples 2 or more)")
     agree = parser.add_mutually_exclusive_group()
     agree.add_argument("--consistency", dest="consistency", action="store_const", const=True, default=None,
                        help="correct the output until re-averaging it gives the thick slices back (default for the "
@@ -43,22 +46,24 @@ def build_request(args, reference_geometry=None):
     from ..core.errors import InputError
     from ..api import InterpolationRequest
 
-    if args.samples < 1:
+    if args.samples is not None and args.samples < 1:
         raise InputError("--samples must be at least 1")
     # Without --method: a --model names its own method (locally; a server knows its models),
-    # sampling options mean the diffusion method, and on a server its own default applies.
-    sampling = args.steps or args.sampler or args.samples > 1 or args.uncertainty
+    # sampling options mean the default method when it samples, else diffusion, and on a server
+    # its own default applies.
+    sampling = args.steps or args.sampler or args.samples is not None or args.uncertainty
     if args.method:
         method = args.method
-    elif args.model and not args.server and not sampling:
+    elif args.model and not args.server:
         method = method_of_model(args.model)
     elif sampling or args.model:
-        method = DIFFUSION_METHOD
+        method = DEFAULT_METHOD if "samples" in get_method(DEFAULT_METHOD).options else DIFFUSION_METHOD
     else:
         method = SERVER_DEFAULT if args.server else DEFAULT_METHOD
-    if method != SERVER_DEFAULT and "samples" not in get_method(method).options and (args.uncertainty or args.samples > 1):
-        raise InputError(f"--samples and --uncertainty need the {DIFFUSION_METHOD} method, not {method}")
-    if args.uncertainty and args.samples < 2:
+    if method != SERVER_DEFAULT and "samples" not in get_method(method).options and sampling:
+        takers = " or ".join(name for name, entry in METHODS.items() if "samples" in entry.options)
+        raise InputError(f"--steps, --sampler, --samples and --uncertainty need a sampling method ({takers}), not {method}")
+    if args.uncertainty and (args.samples or 0) < 2:
         raise InputError("--uncertainty needs --samples 2 or more")
     return InterpolationRequest(
         method=method,

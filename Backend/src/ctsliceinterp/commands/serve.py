@@ -13,7 +13,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="model of a learned method to serve and keep loaded: a shipped name or a checkpoint folder "
-                        "(repeatable; default: the shipped models, 'regression' and 'default')")
+                        "(repeatable; default: the shipped models that are installed: 'regression', 'default', 'residual_diffusion')")
     parser.add_argument("--no-default-model", action="store_true", help="without --model, serve the classical methods only")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for the learned methods' models (default auto)")
     parser.add_argument("--token-file", metavar="F", help="file whose first line is the bearer token (or set CTSLICEINTERP_TOKEN)")

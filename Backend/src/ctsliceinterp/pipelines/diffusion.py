@@ -186,14 +186,16 @@ class Interpolator:
         target: Geometry,
         steps: Optional[int] = None,
         sampler: Optional[str] = None,
-        samples: int = 1,
+        samples: Optional[int] = None,
         consistency: bool = True,
         seed: Optional[int] = None,
         reporter=None,
     ) -> tuple[Volume, Optional[Volume]]:
         """Interpolate ``volume`` (HU) onto ``target`` (same in-plane grid). Returns the HU volume
-        and, when ``samples > 1``, the per-voxel standard deviation over the samples."""
+        and, when ``samples > 1``, the per-voxel standard deviation over the samples.
+        ``samples`` None (the request's "method default"): one sample."""
         reporter = as_reporter(reporter)
+        samples = 1 if samples is None else int(samples)
         steps, sampler = self._check(volume, target, steps, sampler, samples)
         timings = {"encode": 0.0, "sample": 0.0, "decode": 0.0, "consistency": 0.0, "classical": 0.0}
         self.last_consistency = []

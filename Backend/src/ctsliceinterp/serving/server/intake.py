@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -126,8 +127,8 @@ def _target(volume: Volume, job_request: InterpolationRequest, max_output_voxels
     return target
 
 
-def _check_output_size(shape, samples: int, limit: int) -> None:
-    voxels = shape[0] * shape[1] * shape[2] * samples
+def _check_output_size(shape, samples: Optional[int], limit: int) -> None:
+    voxels = shape[0] * shape[1] * shape[2] * (samples or 1)  # None: the method's default, one output volume
     if voxels > limit:
         raise VolumeTooLarge(f"the result would have {voxels} voxels, more than this server's limit of {limit}")
 

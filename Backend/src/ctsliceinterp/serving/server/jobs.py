@@ -63,13 +63,13 @@ class Job:
     @property
     def output_voxels(self) -> int:
         nz, ny, nx = self.target.shape
-        return nz * ny * nx * max(1, self.request.samples)
+        return nz * ny * nx * max(1, self.request.samples or 1)  # None: the method's default output
 
     @property
     def result_bytes(self) -> int:
         """Memory its result takes: float32 thin volume, plus the uncertainty when samples > 1."""
         nz, ny, nx = self.target.shape
-        return nz * ny * nx * 4 * (2 if self.request.samples > 1 else 1)
+        return nz * ny * nx * 4 * (2 if (self.request.samples or 1) > 1 else 1)
 
     @property
     def cost_key(self) -> str:

@@ -95,7 +95,7 @@ async def job_result(job_id: str, part: str = "volume", encoding: str = "gzip", 
     volume = state.manager.result_part(job, part)
     if volume is None:
         if part == "uncertainty":
-            raise ApiError(404, "this job has no uncertainty volume (ask for samples > 1 with a diffusion model)")
+            raise ApiError(404, "this job has no uncertainty volume (ask for samples 2 or more with a diffusion method)")
         raise ApiError(404, "the result is no longer available")
     return result_response(volume, part, encoding, BackgroundTask(state.manager.mark_downloaded, job, part))
 

@@ -1,0 +1,49 @@
+"""`interpolate --samples`: unset means the method's default output (residual_diffusion: the
+posterior mean; diffusion: one sample), 1 one realistic sample, N > 1 the mean and the spread."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctsliceinterp.cli import build_parser
+from ctsliceinterp.commands.interpolate import build_request
+from ctsliceinterp.core.errors import InputError
+
+
+def _request(*options):
+    return build_request(build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", *options]))
+
+
+@pytest.mark.parametrize("options, samples", [((), None), (("--samples", "1"), 1), (("--samples", "3"), 3)])
+def test_the_cli_sends_samples_only_when_given(options, samples):
+    request = _request("--method", "residual_diffusion", *options)
+    assert request.method == "residual_diffusion" and request.samples == samples
+    assert request.to_params().get("samples") == samples and ("samples" in request.to_params()) == bool(options)
+
+
+def test_a_residual_diffusion_folder_names_its_method_even_with_sampling_options(tmp_path):
+    folder = tmp_path / "rd"
+    folder.mkdir()
+    (folder / "residual_diffusion.json").write_text("{}")  # the marker is all model_method reads
+    request = _request("--model", str(folder), "--samples", "2", "--uncertainty", "std.nrrd")
+    assert (request.method, request.samples) == ("residual_diffusion", 2)
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--method", "residual_diffusion", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2 or more"),
+    (("--method", "residual_diffusion", "--samples", "1", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2"),
+    (("--method", "diffusion", "--samples", "0"), "--samples must be at least 1"),
+    (("--method", "regression", "--samples", "1"), "need a sampling method (diffusion or residual_diffusion), not regression"),
+    (("--method", "regression", "--steps", "4"), "need a sampling method"),
+])
+def test_sampling_options_a_request_cannot_honour_are_refused(options, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _request(*options)
+
+
+def test_the_help_says_which_output_is_which(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["interpolate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the posterior mean for residual_diffusion, one sample for diffusion" in text
+    assert "1: one realistic sample" in text and "--samples 2 or more" in text
