@@ -1,4 +1,4 @@
-"""Latent diffusion v2: residual diffusion around the regression estimate (not registered yet).
+"""Latent diffusion v2: residual diffusion around the regression estimate (``--method residual_diffusion``).
 
 In order (``ResidualDiffusionInterpolator.run``):
 1. the base: the ``regression`` method's output on the thin grid, without its consistency
@@ -7,15 +7,17 @@ In order (``ResidualDiffusionInterpolator.run``):
    latents (the same guide encoder) resampled linearly onto the thin positions, and the position
    channels (``pipelines.diffusion.thin_positions``);
 3. the depth-preserving 3-D U-Net (``models.unet.UNet3D``, with a wider conditioning input)
-   samples the *residual* latent in overlapping depth chunks (``depth_chunks.blend_over_depth``);
+   gives the *residual* latent in overlapping depth chunks (``depth_chunks.blend_over_depth``):
+   its posterior mean by the x0 head, or samples;
 4. the guided decode: base + the decoder's correction, in HU, slice batches;
 5. the thick-slice consistency correction (``core.acquisition.consistency_correction``); nothing
    is clipped anywhere (HU in, HU out).
 
-Two outputs: by default the **posterior mean**, the voxel-wise mean of
-``inference.mean_samples`` samples with their standard deviation as the uncertainty; ``samples=1``
-is **one realistic sample** (no uncertainty). An untrained U-Net predicts zero, so (v-prediction)
-the sampled residual latent is zero and, with an untrained decoder, the output is the base.
+Outputs: by default the **posterior mean**, by the x0 head (``posterior_mean_latent``: one U-Net
+pass, no uncertainty) or, with ``inference.mean_estimator = "samples"``, the voxel-wise mean of
+``inference.mean_samples`` samples; ``samples=1`` is **one realistic sample**; ``samples=N`` the
+mean of N samples with their per-voxel standard deviation as the uncertainty. An untrained U-Net
+predicts zero, so the residual latent is zero and, with an untrained decoder, the output is the base.
 
 A model folder holds ``residual_diffusion.json`` + ``residual_unet.safetensors`` (the U-Net and the
 schedule), the guided VAE (``guided_vae.json`` / ``.safetensors``, with its measured latent
