@@ -29,6 +29,15 @@ def test_a_residual_diffusion_folder_names_its_method_even_with_sampling_options
     assert (request.method, request.samples) == ("residual_diffusion", 2)
 
 
+@pytest.mark.parametrize("options", [(), ("--samples", "2"), ("--steps", "4")])
+def test_a_model_without_a_method_on_a_server_leaves_the_method_to_the_server(options):
+    """The server knows each served model's method (and checks the sampling options against it);
+    a shipped name or not, the command line sends none (it used to send diffusion)."""
+    for model in ("residual_diffusion", "regression", "my_folder"):
+        request = _request("--server", "http://127.0.0.1:1", "--model", model, *options)
+        assert request.method == "" and "method" not in request.to_params() and request.to_params()["model"] == model
+
+
 @pytest.mark.parametrize("options, message", [
     (("--method", "residual_diffusion", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2 or more"),
     (("--method", "residual_diffusion", "--samples", "1", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2"),

@@ -7,6 +7,7 @@ front of a real server. Every test is bounded in time and in requests."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import tracemalloc
 import zlib
@@ -166,6 +167,32 @@ def test_a_status_dripping_its_headers_hits_the_call_deadline(fake):
     with pytest.raises(ServerUnreachable):
         Client(server.url, retries=0, timeout=1).status(JOB)
     assert time.monotonic() - start < 4  # one byte per 0.2 s never trips a per-read timeout
+
+
+def test_a_server_that_goes_silent_after_the_upload_cannot_hold_run(fake, make_volume):
+    """The job is accepted, then status requests are read and never answered (a wedged server):
+    each one ends at the client's socket timeout, so ``run`` raises instead of waiting for ever,
+    whatever its job deadline."""
+    released = threading.Event()
+
+    def silent_after_submit(request):
+        if request.method == "POST":
+            request.read_body()
+            request.send_json(202, {"id": JOB, "state": "queued"})
+            return None
+        released.wait(15)  # holds the connection open, answering nothing
+        return False
+
+    server = fake(silent_after_submit)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ServerUnreachable, match="deadline|timed out"):
+            Client(server.url, retries=1, timeout=1, backoff=0.1).run(
+                thick_volume(make_volume), {"method": "bspline"}, poll_interval=0.5, deadline=3600)
+        assert time.monotonic() - start < 8  # two status attempts and one DELETE, about 1.5 s each
+        assert server.count("GET", "/v1/jobs/") == 2 and server.count("DELETE") == 1
+    finally:
+        released.set()
 
 
 def test_an_unknown_job_state_is_an_error_not_a_poll_forever(fake, make_volume):

@@ -306,6 +306,53 @@ def test_cancel_reaches_a_running_job_within_one_step(start_server, make_volume)
     wait_for(lambda: server.manager.counts()["running"] == 0, timeout=5 * step)
 
 
+class _BrokenRates(dict):
+    """The ETA bookkeeping a finished job updates, broken (as any bug there would be)."""
+
+    def __setitem__(self, key, value):
+        raise RuntimeError("bookkeeping broke")
+
+
+def test_a_fault_in_the_bookkeeping_after_a_run_keeps_the_result_and_the_worker(start_server, make_volume, caplog):
+    """The result is stored before the speed bookkeeping runs: a fault there is logged, the job is
+    done, and the worker goes on. It used to kill the worker thread: every later job then stayed
+    queued for ever while status requests kept saying so."""
+    server = start_server()
+    server.manager._seconds_per_voxel = _BrokenRates()
+    client = Client(server.url, timeout=5, retries=0)
+    thick = make_volume(shape=(4, 16, 16))
+    for _ in range(2):  # the second job needs a worker that survived the first
+        thin, _ = client.run(thick, {"method": "linear", "spacing": 2.5}, poll_interval=0.2, deadline=10)
+        assert thin.shape == interpolate(thick, InterpolationRequest(method="linear", spacing=2.5)).volume.shape
+    assert server.manager.counts()["completed"] == 2
+    assert sum("speed bookkeeping failed (RuntimeError: bookkeeping broke)" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_fault_while_finishing_a_job_fails_it_in_one_line_and_the_worker_goes_on(start_server, make_volume, monkeypatch):
+    """A fault before the result is stored: the job fails with a one-line error (it used to stay
+    'running' for ever, its worker dead), and the next job runs."""
+    from ctsliceinterp.serving.client import JobFailed
+
+    server = start_server()
+    manager, faults = server.manager, []
+    real_finish = manager._finish_locked
+
+    def finish_once_broken(job, state, result, error):
+        if not faults:
+            faults.append(job.id)
+            raise RuntimeError("finishing broke")
+        return real_finish(job, state, result, error)
+
+    monkeypatch.setattr(manager, "_finish_locked", finish_once_broken)
+    client = Client(server.url, timeout=5, retries=0)
+    thick = make_volume(shape=(4, 16, 16))
+    with pytest.raises(JobFailed) as info:
+        client.run(thick, {"method": "linear", "spacing": 2.5}, poll_interval=0.2, deadline=10)
+    assert info.value.reason == "internal error on the server (RuntimeError)"
+    thin, _ = client.run(thick, {"method": "linear", "spacing": 2.5}, poll_interval=0.2, deadline=10)
+    assert thin.shape[0] == 7 and faults
+
+
 def test_full_queue_answers_503_with_retry_after(start_server, make_volume):
     server = start_server(step_delay_seconds=0.3, queue_size=1)
     client = Client(server.url)

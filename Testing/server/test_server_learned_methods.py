@@ -100,6 +100,34 @@ def test_residual_diffusion_through_the_server_default_and_two_samples(start_ser
     assert not np.allclose(mean.array, thin.array, atol=1e-2)  # two samples' mean is not the x0 head's
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_model_named_without_a_method_runs_its_own_method_on_the_server(start_server, tmp_path, capsys):
+    """``interpolate --server URL --model NAME`` sends no method: the server runs NAME's method
+    (the command line used to send diffusion's, and this server's default is regression), checks
+    the sampling options against it, and names the models it serves when NAME is none of them."""
+    from ctsliceinterp.cli import main
+    from ctsliceinterp.io import read_volume, write_volume
+
+    folder = _tiny_residual_model(tmp_path / "rd_tiny")
+    server = start_server(models=["regression", str(folder)], device="cpu")
+    thick = _thick()
+    write_volume(thick, tmp_path / "thick.nrrd")
+    code = main(["interpolate", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "out.nrrd"), "--server", server.url,
+                 "--model", "rd_tiny", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    local = interpolate(thick, InterpolationRequest(method="residual_diffusion", model=str(folder), spacing=1.0, device="cpu"))
+    assert_same_volume(read_volume(tmp_path / "out.nrrd"), local.volume)
+    client = Client(server.url)
+    with pytest.raises(InputRejected, match="model 'regression' is a regression model, which takes no samples"):
+        client.submit(thick, {"model": "regression", "samples": 2})
+    with pytest.raises(InputRejected, match="this server serves no model 'nope'; it serves regression, rd_tiny"):
+        client.submit(thick, {"model": "nope"})
+    code = main(["interpolate", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "bad.nrrd"), "--server", server.url,
+                 "--model", "regression", "--steps", "4", "--no-progress"])
+    assert code != 0 and "is a regression model, which takes no steps" in capsys.readouterr().err
+    assert not (tmp_path / "bad.nrrd").exists()
+
+
 def test_a_server_without_a_residual_model_names_it(start_server):
     server = start_server(models=["regression"], device="cpu")
     with pytest.raises(InputRejected, match="serves no residual_diffusion model"):

@@ -48,15 +48,16 @@ def build_request(args, reference_geometry=None):
 
     if args.samples is not None and args.samples < 1:
         raise InputError("--samples must be at least 1")
-    # Without --method: a --model names its own method (locally; a server knows its models),
+    # Without --method: a --model names its own method (on a server the method is not sent: the
+    # server knows which method each of its models has, and checks the options against it),
     # sampling options mean the default method when it samples, else diffusion, and on a server
     # its own default applies.
     sampling = args.steps or args.sampler or args.samples is not None or args.uncertainty
     if args.method:
         method = args.method
-    elif args.model and not args.server:
-        method = method_of_model(args.model)
-    elif sampling or args.model:
+    elif args.model:
+        method = SERVER_DEFAULT if args.server else method_of_model(args.model)
+    elif sampling:
         method = DEFAULT_METHOD if "samples" in get_method(DEFAULT_METHOD).options else DIFFUSION_METHOD
     else:
         method = SERVER_DEFAULT if args.server else DEFAULT_METHOD

@@ -27,6 +27,7 @@ from .state import ServerState
 from .upload import UploadPace, UploadStalled, UploadTooLarge, content_length, read_body, split_multipart
 
 PARAMS_HEADER = "x-ctsliceinterp-params"
+SAMPLING_FIELDS = ("steps", "sampler", "samples")  # what the command line refuses for a method that does not sample
 NRRD_TYPES = ("application/x-nrrd", "application/octet-stream", "application/nrrd")
 
 
@@ -98,8 +99,19 @@ def _split(body, content_type: str, multipart: bool, request: Request):
 
 
 def _job_request(params_text, state: ServerState) -> InterpolationRequest:
-    default_method = state.registry.default_method() or CLASSICAL_FALLBACK
-    job_request = InterpolationRequest.from_params(parse_params(params_text), state.registry.device, default_method)
+    params = parse_params(params_text)
+    # A model named without a method runs its own method (a client cannot know a served folder's).
+    by_model = not params.get("method") and isinstance(params.get("model"), str)
+    if by_model:
+        default_method = state.registry.method_of(params["model"])
+    else:
+        default_method = state.registry.default_method() or CLASSICAL_FALLBACK
+    job_request = InterpolationRequest.from_params(params, state.registry.device, default_method)
+    if by_model:
+        options = get_method(job_request.method).options
+        refused = [key for key in SAMPLING_FIELDS if params.get(key) is not None and key not in options]
+        if refused:
+            raise InputError(f"model {job_request.model!r} is a {job_request.method} model, which takes no {', '.join(refused)}")
     if job_request.target is not None:  # before the grid is built: its size alone may be refused
         _check_output_size(job_request.target.shape, job_request.samples, state.config.max_output_voxels)
     if not get_method(job_request.method).classical:

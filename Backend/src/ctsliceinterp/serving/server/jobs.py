@@ -285,7 +285,10 @@ class JobManager:
     # --- the worker -----------------------------------------------------------------------
     def _work(self) -> None:
         if self.registry.specs:
-            self.registry.preload()  # models stay loaded for every later job
+            try:
+                self.registry.preload()  # models stay loaded for every later job
+            except Exception as exc:  # noqa: BLE001 - each job's load then reports it
+                log.error("preloading the models failed: %s: %s", type(exc).__name__, exc)
         while True:
             with self._lock:
                 while not self._queue and not self._stop:
@@ -299,6 +302,9 @@ class JobManager:
             self._notify(job)
             try:
                 self._run(job)
+            except Exception as exc:  # noqa: BLE001 - a fault must neither stop the worker nor leave the job running
+                log.error("job %s: internal error while finishing: %s: %s", job.id[:8], type(exc).__name__, exc)
+                self._fail_unfinished(job, f"internal error on the server ({type(exc).__name__})")
             finally:
                 with self._lock:
                     self._running = None
@@ -352,8 +358,27 @@ class JobManager:
             job.stage = state
             if state == DONE:
                 self.completed += 1
-                seconds = job.finished - (job.started or job.finished)
-                rate = seconds / max(1, job.output_voxels)
-                old = self._seconds_per_voxel.get(job.cost_key)
-                self._seconds_per_voxel[job.cost_key] = rate if old is None else 0.7 * old + 0.3 * rate
+                try:  # the result is safe: a fault in the ETA bookkeeping is only logged
+                    self._record_speed(job)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("job %s: speed bookkeeping failed (%s: %s); its result is kept",
+                              job.id[:8], type(exc).__name__, exc)
         log.info("job %s %s%s", job.id[:8], state, f": {error}" if error else "")
+
+    def _record_speed(self, job: Job) -> None:
+        """The moving average of seconds per output voxel that ETAs are made of (lock held)."""
+        seconds = job.finished - (job.started or job.finished)
+        rate = seconds / max(1, job.output_voxels)
+        old = self._seconds_per_voxel.get(job.cost_key)
+        self._seconds_per_voxel[job.cost_key] = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def _fail_unfinished(self, job: Job, error: str) -> None:
+        """A job the worker could not finish normally ends failed (cancelled when asked); one that
+        already ended, its result stored, stays as it is."""
+        with self._lock:
+            if job.state not in FINISHED:
+                job.finished = time.monotonic()
+                cancelled = job.cancel.is_set()
+                job.state = job.stage = CANCELLED if cancelled else FAILED
+                job.error, job.result = (None if cancelled else error), None
+        self._notify(job)

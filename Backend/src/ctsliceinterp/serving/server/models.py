@@ -75,6 +75,14 @@ class ModelRegistry:
         served = list(dict.fromkeys(self.methods.values()))
         return DEFAULT_METHOD if DEFAULT_METHOD in served else next(iter(served), None)
 
+    def method_of(self, name: str) -> str:
+        """The method of the served model ``name``; ``InputError`` naming the served ones when none is."""
+        method = self.methods.get(name)
+        if method is None:
+            served = ", ".join(self.methods) or "none (it was started without --model)"
+            raise InputError(f"this server serves no model {name[:80]!r}; it serves {served}")
+        return method
+
     # --- lookup and loading ---------------------------------------------------------------
     def check(self, method: str, name: Optional[str]) -> str:
         """The model a request for the learned ``method`` will use; ``InputError`` when this server cannot."""
