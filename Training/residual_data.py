@@ -137,8 +137,13 @@ class LatentRunCache(SeededDataset):
 
         super().__init__(seed, length)
         key = json.loads(json.dumps(key, sort_keys=True, default=str))
-        cached = torch.load(path, weights_only=True) if path is not None and path.is_file() else None
-        if cached is not None and cached.get("key") == json.dumps(key, sort_keys=True):
+        cached = None
+        if path is not None and path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+            except Exception:  # noqa: BLE001 - unreadable in any way (truncated, another format): built again below
+                cached = None
+        if isinstance(cached, dict) and cached.get("key") == json.dumps(key, sort_keys=True):
             self.pool = cached["pool"]
             return
         parts: dict[str, list] = {"target": [], "condition": [], "positions": [], "mask": []}

@@ -77,15 +77,17 @@ class ResidualDiffusionTask:
         if int(data.get("crop", 96)) % self.model_config.pixel_multiple:
             raise TrainingError(f"data.crop must be a multiple of {self.model_config.pixel_multiple} for this model")
         self.seed = int(settings["seed"])
-        pool = int(data.pop("cache_runs", 0))
+        cache_runs = int(data.pop("cache_runs", 0))
         base_network = RegressionInterpolator(copy.deepcopy(regression), "cpu")  # for the data workers
         self.train_dataset = ResidualRunDataset(data, "train", base_network, self.seed)
         self.val_dataset = ResidualRunDataset(data, "val", base_network, self.seed + 1, int(settings["val_items"]), fixed=True)
-        if pool:  # a fixed pool of encoded runs (residual_data.LatentRunCache)
+        if cache_runs:  # a fixed pool of encoded runs (residual_data.LatentRunCache)
             from residual_data import LatentRunCache
 
-            runs = ResidualRunDataset(data, "train", base_network, self.seed + 2, pool, fixed=True)
-            key = {"runs": pool, "seed": self.seed, "data": data, "vae": _file_digest(Path(config["vae_checkpoint"]))}
+            if runtime.distributed:
+                raise TrainingError("data.cache_runs is a single-process CPU economy: set data.cache_runs=0 under torchrun")
+            runs = ResidualRunDataset(data, "train", base_network, self.seed + 2, cache_runs, fixed=True)
+            key = {"runs": cache_runs, "seed": self.seed, "data": data, "weights": _weights_digest(Path(config["vae_checkpoint"]))}
             self.train_dataset = LatentRunCache(runs, self.latents, out / "latent_cache.pt", key, self.seed)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -107,15 +109,17 @@ class ResidualDiffusionTask:
         from diffusion_loss import diffusion_loss
 
         target, condition = (batch["target"], batch["condition"]) if "target" in batch else self.latents(batch)
+        target, condition = target.to(device), condition.to(device)
         positions, mask = batch["positions"].to(device), batch["mask"].to(device)
         loss = diffusion_loss(model, target, condition, positions, self.scheduler, self.model_config.diffusion,
                               depth_mask=mask, generator=generator)
         if not self.mean_head_weight:
             return loss, {}
         # The x0 head (the default output): unweighted MSE of the one-pass posterior mean, masked.
-        mean = posterior_mean_latent(model, condition, positions, self.model_config.diffusion.num_train_timesteps)
-        error = (mean.float() - target.float()).pow(2).mean(dim=(1, 3, 4))
-        mean_loss = (error * mask).sum() / mask.sum().clamp(min=1.0)
+        mean = posterior_mean_latent(model, condition, positions, self.model_config.diffusion.num_train_timesteps,
+                                     target.shape[1])
+        error = (mean.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # (B, D), averaged as diffusion_loss does
+        mean_loss = ((error * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
         return loss + self.mean_head_weight * mean_loss, {"diffusion_loss": loss.detach(), "mean_head_loss": mean_loss.detach()}
 
     @torch.no_grad()
@@ -161,17 +165,25 @@ class ResidualDiffusionTask:
     def export(self, unet, folder: Path, info: dict) -> None:
         from ctsliceinterp.pipelines.residual_diffusion import save_residual_model
 
-        save_residual_model(folder, self.vae, self.regression_net, self.model_config, unet,
+        config = self.model_config
+        if not self.mean_head_weight:  # an untrained x0 head must not be the default output
+            config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, mean_estimator="samples"))
+        save_residual_model(folder, self.vae, self.regression_net, config, unet,
                             {"trained": "residual_diffusion", "trained_steps": info.get("step"), **info})
 
 
-def _file_digest(folder: Path) -> str:
-    """SHA-256 of the guided VAE's weights: a cached pool of its latents is valid for these only."""
+def _weights_digest(folder: Path) -> str:
+    """SHA-256 of the guided VAE's and its base network's weights: a pool of runs encoded with them
+    (targets, conditions and bases) is valid for these only."""
     import hashlib
 
     from ctsliceinterp.models.guided_vae import WEIGHTS_FILE
+    from ctsliceinterp.pipelines.residual_diffusion import REGRESSION_FOLDER
 
-    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+    digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes())
+    for path in sorted((folder / REGRESSION_FOLDER).glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def build_task(config, runtime, out):

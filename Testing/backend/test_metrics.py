@@ -192,3 +192,12 @@ def test_uncertainty_reliability_correlates_a_standard_deviation_that_tracks_the
     rms = [b["rms_error_hu"] for b in good["bins"]]
     assert len(good["bins"]) == 10 and rms == sorted(rms)  # error grows with the predicted std
     assert good["bins"][-1]["rms_error_hu"] == pytest.approx(good["bins"][-1]["mean_std_hu"], rel=0.15)
+
+
+def test_texture_metrics_have_no_ratio_without_texture_in_the_reference():
+    from ctsliceinterp.evaluation.metrics import flat_texture_ratio, through_plane_gradient_ratio, uncertainty_reliability
+
+    flat = np.full((12, 16, 16), 40.0, dtype=np.float32)
+    noisy = flat + np.random.default_rng(0).normal(0, 5, flat.shape).astype(np.float32)
+    assert flat_texture_ratio(noisy, flat) is None and through_plane_gradient_ratio(noisy, flat) is None
+    assert uncertainty_reliability(np.zeros_like(flat), noisy, flat) == {"correlation": None, "bins": []}

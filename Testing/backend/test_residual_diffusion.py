@@ -81,6 +81,10 @@ def test_posterior_mean_with_uncertainty_or_one_sample_both_consistent():
     assert np.abs(default.array - base).mean() > 0.1  # an acting x0 head moves the output off the base
     again, _ = model.run(volume, target, seed=1)
     np.testing.assert_array_equal(again.array, default.array)  # one deterministic pass: no seed involved
+    from ctsliceinterp.core.errors import InputError
+
+    with pytest.raises(InputError, match="takes no steps or sampler"):
+        model.run(volume, target, steps=4)  # silently ignoring them would mislead
     assert std.geometry == target and std.metadata["quantity"] == "standard deviation (HU)"
     assert float(std.array.mean()) > 0.1  # different samples differ
     assert not np.allclose(one.array, mean.array, atol=1e-2)
@@ -222,3 +226,38 @@ def test_guided_vae_reconstruction_script_scores_the_vae_against_its_base(traine
         scores = report[f"psnr_{label}_db"]
         assert all(np.isfinite(v) for v in scores.values())
         assert report[f"gain_over_base_{label}_db"] == pytest.approx(scores["guided_vae"] - scores["base"])
+
+
+def test_the_encoded_pool_is_reused_only_for_the_same_runs_and_weights(tmp_path):
+    from residual_data import LatentRunCache
+
+    class Runs:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"positions": torch.full((3, 2), float(i)), "mask": torch.ones(2)}
+
+        @staticmethod
+        def collate(items):
+            return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch["mask"]))
+        n = len(batch["mask"])
+        return batch["positions"][:, :1, :, None, None].expand(n, 4, 2, 2, 2), torch.zeros(n, 8, 2, 2, 2)
+
+    path = tmp_path / "pool.pt"
+    first = LatentRunCache(Runs(), encode, path, {"weights": "a"}, seed=0)
+    assert calls == [3] and first.pool["target"].shape == (3, 4, 2, 2, 2)
+    LatentRunCache(Runs(), encode, path, {"weights": "a"}, seed=0)
+    assert calls == [3]  # same key: read back, nothing encoded
+    LatentRunCache(Runs(), encode, path, {"weights": "b"}, seed=0)
+    assert calls == [3, 3]  # other weights: encoded again
+    path.write_bytes(b"truncated")
+    again = LatentRunCache(Runs(), encode, path, {"weights": "b"}, seed=0)
+    assert calls == [3, 3, 3] and torch.equal(again.pool["target"], first.pool["target"])
+    item = again[0]
+    assert set(item) == {"target", "condition", "positions", "mask"}

@@ -123,7 +123,8 @@ def main(args) -> int:
 
         outputs = {m: r.output for m, r in evaluation.results.items()}
         figures = evaluation_figures(case.thick, outputs, case.reference, report_dir, title=name)
-        reliability = {m: r.reliability for m, r in evaluation.results.items() if r.reliability}
+        reliability = {m: r.reliability for m, r in evaluation.results.items()
+                       if r.reliability and r.reliability["correlation"] is not None}  # a zero-spread std has none
         if reliability:
             from ..evaluation.figures import reliability_figure
 

@@ -296,7 +296,10 @@ def write_summary(evaluation: Evaluation, path: str | os.PathLike, command: str 
         f"{metrics.EDGE_SLICES} at each end",
         f"- metrics: RPLHR-CT protocol (HU [-1024, 2048] -> [0, 1], whole field of view, SSIM 2-D per axial slice, "
         f"11x11 Gaussian sigma 1.5); PSNR 40/400 = soft-tissue window; PSNR body = inside the body mask "
-        f"(reference > {metrics.BODY_THRESHOLD_HU:g} HU); thick MAE = |input thick - output re-averaged by the slab model|",
+        f"(reference > {metrics.BODY_THRESHOLD_HU:g} HU); thick MAE = |input thick - output re-averaged by the slab model|; "
+        f"flat texture = local std (5x5x5) of the output over the reference's where the reference is flat soft tissue "
+        f"(std < {metrics.FLAT_STD_HU:g} HU, in 40/400): above 1 is invented texture; z-gradient = energy of the "
+        f"slice-to-slice differences over the reference's: 1 is the truth, below blur, above noise",
         f"- machine: {machine['cpu_count']} CPU cores, {machine.get('memory_gib', '?')} GiB, {machine['processor']}, "
         f"{'GPU ' + str(machine['cuda']) if machine.get('cuda') else 'no GPU used'}; times include only the interpolation",
     ]

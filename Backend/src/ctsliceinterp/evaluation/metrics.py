@@ -183,22 +183,26 @@ def flat_texture_ratio(prediction_hu: np.ndarray, reference_hu: np.ndarray) -> f
     low, high = window_bounds()
     reference_std = local_std(reference_hu)
     flat = (reference_std < FLAT_STD_HU) & (reference_hu >= low) & (reference_hu <= high)
-    if not flat.any():
+    reference_texture = float(reference_std[flat].mean()) if flat.any() else 0.0
+    if reference_texture < 1e-3:  # no flat soft tissue, or a noise-free one: no ratio to speak of
         return None
-    return float(local_std(prediction_hu)[flat].mean() / max(float(reference_std[flat].mean()), 1e-6))
+    return float(local_std(prediction_hu)[flat].mean() / reference_texture)
 
 
-def through_plane_gradient_ratio(prediction_hu: np.ndarray, reference_hu: np.ndarray) -> float:
-    """Energy of slice-to-slice differences, prediction over reference (protocol HU range)."""
+def through_plane_gradient_ratio(prediction_hu: np.ndarray, reference_hu: np.ndarray) -> float | None:
+    """Energy of slice-to-slice differences, prediction over reference (protocol HU range); None
+    for a reference constant along the slices."""
     low, high = PROTOCOL_HU_RANGE
     energy = lambda a: float(np.square(np.diff(np.clip(a, low, high).astype(np.float64), axis=0)).sum())  # noqa: E731
-    return energy(prediction_hu) / max(energy(reference_hu), 1e-12)
+    reference = energy(reference_hu)
+    return energy(prediction_hu) / reference if reference > 0 else None
 
 
 def uncertainty_reliability(std_hu: np.ndarray, prediction_hu: np.ndarray, reference_hu: np.ndarray,
                             bins: int = 10, edge: int = EDGE_SLICES) -> dict:
     """Does the standard deviation track the error? Over the body (protocol crop): Pearson's
-    correlation of std with |error|, and per std decile (mean std, RMS error, voxels), HU."""
+    correlation of std with |error|, and per std decile (mean std, RMS error, voxels), HU; tied
+    quantiles merge, so a std with few distinct values has fewer bins."""
     std, pred, ref = (protocol_crop(a, edge) for a in (std_hu, prediction_hu, reference_hu))
     inside = body_mask(ref)
     std, error = std[inside].astype(np.float64), (pred[inside] - ref[inside]).astype(np.float64)

@@ -151,13 +151,13 @@ def named_config(name: str) -> ResidualDiffusionConfig:
 
 
 def posterior_mean_latent(unet: UNet3D, condition: torch.Tensor, positions: torch.Tensor,
-                          num_train_timesteps: int) -> torch.Tensor:
+                          num_train_timesteps: int, latent_channels: int) -> torch.Tensor:
     """The x0 head: minus the U-Net's v at the last timestep on a zero latent, (B, C, D, h, w).
 
     At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
     removes; trained with an unweighted MSE against the encoder's latent (min-SNR weights vanish at
     t = T), it is the posterior mean of the residual latent in one pass."""
-    shape = (condition.shape[0], unet.config.latent_channels) + tuple(condition.shape[2:])
+    shape = (condition.shape[0], latent_channels) + tuple(condition.shape[2:])  # unet may be a DDP wrapper
     t = torch.full((condition.shape[0],), num_train_timesteps - 1, device=condition.device, dtype=torch.long)
     return -unet(torch.zeros(shape, device=condition.device, dtype=condition.dtype), t, condition, positions)
 
@@ -274,8 +274,9 @@ class ResidualDiffusionInterpolator:
     def mean_residual(self, condition: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The posterior mean of the scaled residual latent by the x0 head, in depth chunks."""
         steps = self.config.diffusion.num_train_timesteps
+        channels = self.config.vae.latent_channels
         return self._over_depth(lambda a, b: posterior_mean_latent(self.unet, condition[:, :, a:b], positions[:, :, a:b],
-                                                                   steps), condition)
+                                                                   steps, channels), condition)
 
     def decode(self, latents: torch.Tensor, base_hu: np.ndarray) -> np.ndarray:
         """Scaled residual latents (1, C, D, h, w) and the padded base (D, H, W) -> HU (D, H, W)."""
@@ -297,9 +298,12 @@ class ResidualDiffusionInterpolator:
         mean of N samples with their standard deviation."""
         reporter = as_reporter(reporter)
         inference = self.config.inference
+        head = samples is None and inference.mean_estimator == "x0_head"
+        if head and (steps or sampler):
+            raise InputError("the default output (the posterior mean by the x0 head) takes no steps or sampler: "
+                             "ask for samples (1 for one sample, N for the mean of N) to sample")
         steps = int(steps or inference.steps)
         sampler = sampler or inference.sampler
-        head = samples is None and inference.mean_estimator == "x0_head"
         samples = 1 if head else int(inference.mean_samples if samples is None else samples)
         self._check(volume, target, steps, sampler, samples)
         timings = dict.fromkeys(("base", "condition", "sample", "decode", "consistency"), 0.0)
