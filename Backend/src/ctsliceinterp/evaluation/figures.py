@@ -189,7 +189,7 @@ def evaluation_figures(
             if volume is not reference and volume is not thick and volume.shape == reference.shape:
                 err = np.abs(image.astype(np.float32) - ref_image)
                 error_image = err_ax.imshow(err, cmap="magma", vmin=0, vmax=error_range, extent=extent, origin=origin, interpolation="nearest")
-                err_ax.set_title(f"|{name} - reference|, mean {err.mean():.0f} HU", fontsize=8)
+                err_ax.set_title(f"|{name} - reference|\nmean {err.mean():.0f} HU", fontsize=8)  # long names fit
                 err_ax.set_xlim(*xlim)
                 err_ax.set_ylim(*ylim)
             else:
@@ -229,7 +229,7 @@ def reliability_figure(reliability: Mapping[str, dict], path: str | os.PathLike,
     ax.set_xlabel("predicted standard deviation (HU), decile mean")
     ax.set_ylabel("RMS error (HU)")
     ax.legend(fontsize=7)
-    ax.set_title(f"{title + ': ' if title else ''}uncertainty reliability (body)", fontsize=8)
+    ax.set_title(f"{title + chr(10) if title else ''}uncertainty reliability (body)", fontsize=7)
     fig.tight_layout()
     _save_small_png(fig, Path(path), dpi)
     plt.close(fig)
