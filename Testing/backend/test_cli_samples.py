@@ -56,3 +56,11 @@ def test_the_help_says_which_output_is_which(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "the posterior mean for residual_diffusion, one sample for diffusion" in text
     assert "1: one realistic sample" in text and "--samples 2 or more" in text
+
+
+def test_sampling_options_alone_mean_latent_diffusion_v2_when_it_is_installed(monkeypatch):
+    from ctsliceinterp.commands import interpolate
+
+    assert _request("--samples", "1").method == "residual_diffusion"  # the shipped weights are in the package
+    monkeypatch.setattr(interpolate, "shipped_model_available", lambda name: False)
+    assert _request("--samples", "1").method == "diffusion"  # v1 when v2's weights are absent
