@@ -81,8 +81,9 @@ def samples_help(method: str) -> str:
     name = _menu_method(method)
     if name == RESIDUAL_DIFFUSION_METHOD:
         return _("Posterior mean (default): the posterior-mean estimate, the most faithful output. 1: one "
-                 "realistic sample. 2 or more: the mean of that many samples, with their spread (in HU) as an "
-                 "uncertainty map.")
+                 "realistic sample (its texture is invented). 2 or more: the mean of that many samples, with "
+                 "their spread (in HU) as an uncertainty map. The spread shows where samples disagree; it "
+                 "ranks the error but is several times smaller than it, so it is not an error bar.")
     if "samples" in METHODS[name].options:
         return _("Default: one sample. 2 or more: the mean of that many samples, with their spread (in HU) as an "
                  "uncertainty map.")

@@ -28,7 +28,9 @@ def configure_parser(parser) -> None:
                        help="default: the method's default output (the posterior mean for residual_diffusion, one "
                             "sample for diffusion); 1: one realistic sample; N > 1: the mean of N samples, with their "
                             "per-voxel standard deviation as an uncertainty map")
-    model.add_argument("--uncertainty", metavar="PATH", help="write the per-voxel standard deviation (needs --samples 2 or more)")
+    model.add_argument("--uncertainty", metavar="PATH", help="write the per-voxel standard deviation of the samples (needs --samples 2 or more): "
+                            "where samples disagree; it ranks the error but is several times smaller (docs/quality.md), "
+                            "not an error bar")
     agree = parser.add_mutually_exclusive_group()
     agree.add_argument("--consistency", dest="consistency", action="store_const", const=True, default=None,
                        help="correct the output until re-averaging it gives the thick slices back (default for the "
