@@ -42,12 +42,13 @@ PEAK_PROBE = (
 
 
 def method_arguments(label: str) -> list[str]:
-    """``residual_diffusion:samples=1`` -> ``--method residual_diffusion --samples 1``."""
-    name, *settings = label.split(":")
+    """``residual_diffusion:samples=1`` -> ``--method residual_diffusion --samples 1`` (labels as ``evaluate``'s)."""
+    from ctsliceinterp.evaluation.evaluate import parse_method_label
+
+    name, options = parse_method_label(label)
     arguments = ["--method", name]
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        arguments += [f"--{key}", value]
+    for key, value in options.items():
+        arguments += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no-'}{key}"]
     return arguments
 
 

@@ -99,10 +99,11 @@ def samples_default_label(method: str) -> str:
 
 def menu_label(name: str, method: str, device: str) -> str:
     """A server model's method menu entry; residual diffusion says which output is which."""
-    label = _("{name} ({method}, {device})").format(name=name, method=method, device=device)
-    if method == RESIDUAL_DIFFUSION_METHOD:
-        label += _(": posterior mean by default; Samples 1: one realistic sample")
-    return label
+    if method == RESIDUAL_DIFFUSION_METHOD:  # one whole sentence per string, so translators see it all
+        text = _("{name} ({method}, {device}): posterior mean by default; Samples 1: one realistic sample")
+    else:
+        text = _("{name} ({method}, {device})")
+    return text.format(name=name, method=method, device=device)
 
 
 def job_request(method: str, spacing: float, steps=None, samples: Optional[int] = None, consistency: bool = True,
