@@ -64,3 +64,24 @@ def test_sampling_options_alone_mean_latent_diffusion_v2_when_it_is_installed(mo
     assert _request("--samples", "1").method == "residual_diffusion"  # the shipped weights are in the package
     monkeypatch.setattr(interpolate, "shipped_model_available", lambda name: False)
     assert _request("--samples", "1").method == "diffusion"  # v1 when v2's weights are absent
+
+
+def test_an_asked_for_uncertainty_that_does_not_come_back_is_an_error_not_a_missing_file(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import ctsliceinterp.api as api
+    from ctsliceinterp import cli
+    from ctsliceinterp.core.volume import Volume
+    from ctsliceinterp.io import write_volume
+
+    ct = np.random.default_rng(0).normal(-200, 300, (4, 8, 8)).astype(np.float32)  # HU, not a label map
+    thick = Volume.from_array(ct, (1.0, 1.0, 5.0), metadata={"slice_thickness": 5.0})
+    write_volume(thick, tmp_path / "in.nrrd")
+    real = api.interpolate
+    # A backend that returns no uncertainty (as a server's method could): the run itself succeeds.
+    monkeypatch.setattr(api, "interpolate",
+                        lambda volume, request, progress=None: real(volume, api.InterpolationRequest(method="bspline")))
+    code = cli.main(["interpolate", str(tmp_path / "in.nrrd"), "-o", str(tmp_path / "out.nrrd"), "--method",
+                     "residual_diffusion", "--samples", "2", "--uncertainty", str(tmp_path / "std.nrrd"), "--no-progress"])
+    assert code != 0 and "has no uncertainty volume" in capsys.readouterr().err
+    assert (tmp_path / "out.nrrd").is_file() and not (tmp_path / "std.nrrd").exists()

@@ -92,6 +92,7 @@ def build_request(args, reference_geometry=None):
 
 
 def main(args) -> int:
+    from ..core.errors import InputError
     from ..io import read_volume, write_volume
     from ..io.atomic import check_output_path
     from ..api import interpolate
@@ -114,7 +115,10 @@ def main(args) -> int:
     finally:
         progress.close()
     out = write_volume(result.volume, args.output, inputs=inputs)
-    if args.uncertainty and result.uncertainty is not None:
+    if args.uncertainty:
+        if result.uncertainty is None:  # e.g. a server's method gave none: say so rather than skip the file
+            raise InputError(f"the {result.method} result has no uncertainty volume: {args.uncertainty} was not written "
+                             f"(the output {out} was)")
         write_volume(result.uncertainty, args.uncertainty, inputs=inputs)
     if args.figure:
         write_comparison_figure(volume, result, args.figure, inputs)
