@@ -9,20 +9,31 @@ from pathlib import Path
 import torch
 
 
-def save_folder(folder: str | Path, module: torch.nn.Module, weights_file: str, config_file: str, meta: dict) -> Path:
+def save_weights(path: str | Path, module: torch.nn.Module) -> None:
+    """``module``'s state as safetensors, written atomically and read back before it replaces anything."""
     from safetensors.torch import load_file, save_file
 
     from ..io.atomic import atomic_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_file(folder / weights_file) as tmp:
+    with atomic_file(Path(path)) as tmp:
         save_file(state, str(tmp))
         if load_file(str(tmp)).keys() != state.keys():
             raise OSError(f"the weights written to {tmp} do not read back")
-    with atomic_file(folder / config_file) as tmp:
+
+
+def save_json(path: str | Path, meta: dict) -> None:
+    from ..io.atomic import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_folder(folder: str | Path, module: torch.nn.Module, weights_file: str, config_file: str, meta: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / weights_file, module)
+    save_json(folder / config_file, meta)
     return folder
 
 

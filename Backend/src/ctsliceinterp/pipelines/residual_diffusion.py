@@ -166,22 +166,14 @@ def posterior_mean_latent(unet: UNet3D, condition: torch.Tensor, positions: torc
 def save_residual_model(folder: str | Path, vae: GuidedSliceVAE, regression: ThroughPlaneNet,
                         config: ResidualDiffusionConfig, unet: Optional[UNet3D] = None, info: dict | None = None) -> Path:
     """The guided VAE, its base network and (when trained) the U-Net, each file atomic."""
-    from safetensors.torch import load_file, save_file
-
-    from ..io.atomic import atomic_file
+    from ..models.folders import save_json, save_weights
 
     folder = Path(folder)
     vae.save_pretrained(folder, info=info)
     regression.save_pretrained(folder / REGRESSION_FOLDER)
     if unet is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-        with atomic_file(folder / UNET_FILE) as tmp:
-            save_file(state, str(tmp))
-            if load_file(str(tmp)).keys() != state.keys():
-                raise OSError(f"the weights written to {tmp} do not read back")
-    with atomic_file(folder / CONFIG_FILE) as tmp:
-        Path(tmp).write_text(json.dumps({"config": config.to_dict(), "has_unet": unet is not None, "info": info or {}},
-                                        indent=2) + "\n")
+        save_weights(folder / UNET_FILE, unet)
+    save_json(folder / CONFIG_FILE, {"config": config.to_dict(), "has_unet": unet is not None, "info": info or {}})
     return folder
 
 
