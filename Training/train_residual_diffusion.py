@@ -79,9 +79,10 @@ class ResidualDiffusionTask:
         self.seed = int(settings["seed"])
         cache_runs = int(data.pop("cache_runs", 0))
         base_network = RegressionInterpolator(copy.deepcopy(regression), "cpu")  # for the data workers
-        self.train_dataset = ResidualRunDataset(data, "train", base_network, self.seed)
         self.val_dataset = ResidualRunDataset(data, "val", base_network, self.seed + 1, int(settings["val_items"]), fixed=True)
-        if cache_runs:  # a fixed pool of encoded runs (residual_data.LatentRunCache)
+        if not cache_runs:
+            self.train_dataset = ResidualRunDataset(data, "train", base_network, self.seed)
+        else:  # a fixed pool of encoded runs (residual_data.LatentRunCache)
             from residual_data import LatentRunCache
 
             if runtime.distributed:
