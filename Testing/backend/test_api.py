@@ -16,7 +16,7 @@ TARGET = Geometry((7, 4, 5), (0.5, 0.5, 1.25), (-10.0, 3.0, 2.5), (1, 0, 0, 0, 0
 
 
 def test_request_survives_the_round_trip_through_params():
-    request = InterpolationRequest(method="diffusion", spacing=0.8, target=TARGET, model="default", steps=7,
+    request = InterpolationRequest(method="diffusion", spacing=0.8, target=TARGET, model="my_v1", steps=7,
                                    sampler="ddim", samples=3, consistency=False, seed=11)
     back = InterpolationRequest.from_params(request.to_params(), device="cpu")
     assert back == InterpolationRequest(**{**request.__dict__, "device": "cpu"})
@@ -68,7 +68,9 @@ def test_registry_classical_methods_are_implemented_and_learned_ones_name_a_pipe
             assert np.allclose(weights.sum(axis=1), 1.0)
         else:
             module, _, name = method.pipeline.partition(":")
-            assert module.startswith("ctsliceinterp.pipelines.") and name and method.default_model
+            assert module.startswith("ctsliceinterp.pipelines.") and name and method.checkpoint_file
+    # Every learned method but latent diffusion v1 (superseded by v2; users train their own) ships a model.
+    assert [m.name for m in METHODS.values() if not m.classical and not m.default_model] == [api.DIFFUSION_METHOD]
 
 
 def test_api_imports_neither_torch_nor_scipy():
@@ -132,14 +134,14 @@ def test_interpolate_hands_samples_unset_to_the_pipeline(make_volume, samples):
 def _weights(tmp_path, monkeypatch, *installed):
     """A package weights folder holding only ``installed`` (each a marker file, no torch needed)."""
     for name in installed:
-        marker = api.METHODS[{"regression": "regression", "default": "diffusion"}.get(name, name)].checkpoint_file
+        marker = api.METHODS[name].checkpoint_file  # a shipped model is named after its method
         (tmp_path / name).mkdir()
         (tmp_path / name / marker).write_text("{}")
     monkeypatch.setattr(api, "WEIGHTS_DIR", tmp_path)
 
 
 def test_a_shipped_model_without_weights_is_named_not_served(tmp_path, monkeypatch):
-    _weights(tmp_path, monkeypatch, "regression", "default")
+    _weights(tmp_path, monkeypatch, "regression")
     assert not api.shipped_model_available("residual_diffusion")
     for call in (lambda: api.model_method("residual_diffusion"), lambda: api.load_model("residual_diffusion"),
                  lambda: api.load_model("residual_diffusion", "residual_diffusion")):
@@ -149,7 +151,7 @@ def test_a_shipped_model_without_weights_is_named_not_served(tmp_path, monkeypat
     from ctsliceinterp.cli import build_parser
     from ctsliceinterp.commands.serve import server_config
 
-    assert server_config(build_parser().parse_args(["serve"])).models == ["regression", "default"]
+    assert server_config(build_parser().parse_args(["serve"])).models == ["regression"]
     from ctsliceinterp.commands.interpolate import build_request
 
     args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "residual_diffusion"])
@@ -167,3 +169,14 @@ def test_a_shipped_model_is_picked_up_once_its_weights_are_there(tmp_path, monke
     learned_model = api.METHODS[api.DEFAULT_LEARNED_METHOD].default_model
     expected = api.DEFAULT_LEARNED_METHOD if learned_model == "residual_diffusion" else api.CLASSICAL_FALLBACK
     assert api.default_method() == expected
+
+
+def test_the_help_names_the_shipped_models_and_the_method_that_ships_none(capsys):
+    from ctsliceinterp.cli import build_parser
+
+    for command in ("serve", "interpolate"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the shipped models that are installed: 'regression', 'residual_diffusion')" in text
+    assert "diffusion ships none: give your trained model's folder" in text

@@ -58,12 +58,15 @@ def test_the_help_says_which_output_is_which(capsys):
     assert "1: one realistic sample" in text and "--samples 2 or more" in text
 
 
-def test_sampling_options_alone_mean_latent_diffusion_v2_when_it_is_installed(monkeypatch):
-    from ctsliceinterp.commands import interpolate
+def test_sampling_options_alone_mean_latent_diffusion_v2_which_says_when_it_is_not_installed(tmp_path, monkeypatch):
+    import ctsliceinterp.api as api
 
     assert _request("--samples", "1").method == "residual_diffusion"  # the shipped weights are in the package
-    monkeypatch.setattr(interpolate, "shipped_model_available", lambda name: False)
-    assert _request("--samples", "1").method == "diffusion"  # v1 when v2's weights are absent
+    monkeypatch.setattr(api, "WEIGHTS_DIR", tmp_path)  # a package without them: still v2 (v1 ships no model)...
+    request = _request("--steps", "4")
+    assert request.method == "residual_diffusion"
+    with pytest.raises(InputError, match="^the shipped model 'residual_diffusion' is not installed"):  # ...which says so
+        api.load_model(request.method, request.model)
 
 
 def test_an_asked_for_uncertainty_that_does_not_come_back_is_an_error_not_a_missing_file(tmp_path, monkeypatch, capsys):

@@ -217,18 +217,18 @@ def test_model_names_resolve_to_shipped_folders(tmp_path, monkeypatch):
     import ctsliceinterp.pipelines.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")  # a package with no model
-    with pytest.raises(CheckpointError, match="no default diffusion model is installed.*--model PATH"):
-        resolve_model("default")
+    with pytest.raises(CheckpointError, match="no model named 'mine' is installed and no folder mine exists"):
+        resolve_model("mine")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_model(tmp_path / "nowhere")
     vae, unet, config = random_tiny()
     (tmp_path / "weights").mkdir()
-    save_checkpoint(tmp_path / "weights" / "default", vae, unet, config, 1.0)
-    assert resolve_model("default") == tmp_path / "weights" / "default"
-    assert Interpolator.load("default", device="cpu").name == "default"
+    save_checkpoint(tmp_path / "weights" / "mine", vae, unet, config, 1.0)
+    assert resolve_model("mine") == tmp_path / "weights" / "mine"
+    assert Interpolator.load("mine", device="cpu").name == "mine"
 
 
-def test_cli_interpolates_with_a_tiny_checkpoint(tmp_path, make_volume):
+def test_cli_interpolates_with_a_tiny_checkpoint(tmp_path, make_volume, capsys):
     from ctsliceinterp.cli import main
     from ctsliceinterp.io import read_volume, write_volume
 
@@ -249,6 +249,12 @@ def test_cli_interpolates_with_a_tiny_checkpoint(tmp_path, make_volume):
     np.testing.assert_allclose(thin.geometry.spacing, expected.spacing, atol=1e-5)
     assert consistency_mae(thick, thin) <= 1.0
     assert read_volume(tmp_path / "std.nrrd").shape == expected.shape
+    # Without --model: v1 ships no model, so the command says what to give instead, in one line.
+    code = main(["interpolate", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "again.nrrd"), "--method",
+                 "diffusion", "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in error and not (tmp_path / "again.nrrd").exists()
+    assert "diffusion has no shipped model: give --model FOLDER" in error and "residual_diffusion" in error
 
 
 def test_consistency_correction_leaves_an_exact_ramp_exact_at_the_ends():

@@ -15,6 +15,7 @@ from testsupport import REPO_ROOT, oblique_direction, shared_file
 sys.path.insert(0, str(REPO_ROOT / "Training"))
 
 from ctsliceinterp.core.classical import interpolate_classical  # noqa: E402
+from ctsliceinterp.core.errors import InputError  # noqa: E402
 from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet  # noqa: E402
@@ -215,8 +216,10 @@ def test_a_regression_model_named_alone_selects_its_method(tmp_path):
     for model in ("regression", str(folder)):
         args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", model])
         assert build_request(args).method == "regression"
+    # A name that is neither shipped nor a folder (as v1's 'default' no longer is) is refused, naming the markers.
     args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "default"])
-    assert build_request(args).method == "diffusion"
+    with pytest.raises(InputError, match="^model 'default': not a shipped model nor a folder holding regression.json"):
+        build_request(args)
 
 
 def test_evaluate_scores_a_regression_checkpoint_named_with_model(tmp_path, capsys):

@@ -23,19 +23,34 @@ def _thick() -> Volume:
     return Volume.from_array(array, (0.7, 0.7, 5.0), (-3.0, 4.0, 50.0), oblique_direction(15.0), {"slice_thickness": 5.0})
 
 
-def test_each_model_knows_its_method_and_the_default_is_the_packages():
-    assert model_method("regression") == "regression" and model_method("default") == "diffusion"
+def _tiny_v1_model(folder):
+    """A tiny, untrained latent diffusion v1 folder (v1 ships no model: users train their own)."""
+    import torch
+
+    from ctsliceinterp.models.configs import get_config
+    from ctsliceinterp.models.unet import UNet3D
+    from ctsliceinterp.models.vae import SliceVAE
+    from ctsliceinterp.pipelines.checkpoint import save_checkpoint
+
+    config = get_config("tiny")
+    torch.manual_seed(0)
+    return save_checkpoint(folder, SliceVAE(config.vae), UNet3D(config.unet), config, latent_scale=1.0)
+
+
+def test_each_model_knows_its_method_and_the_default_is_the_packages(tmp_path):
+    v1 = str(_tiny_v1_model(tmp_path / "my_v1"))
+    assert model_method("regression") == "regression" and model_method(v1) == "diffusion"
     with pytest.raises(InputError, match="not a shipped model"):
         model_method("no-such-model")
     with pytest.raises(InputError, match="not a shipped model"):
         ModelRegistry(["no-such-model"])
-    registry = ModelRegistry(["default", "regression"], device="cpu")
+    registry = ModelRegistry([v1, "regression"], device="cpu")
     from ctsliceinterp.api import DEFAULT_METHOD
 
     assert registry.default_method() == DEFAULT_METHOD
-    assert registry.check("regression", None) == "regression"
-    with pytest.raises(InputError, match="unknown regression model 'default'"):
-        registry.check("regression", "default")  # a diffusion model cannot run as regression
+    assert registry.check("regression", None) == "regression" and registry.check("diffusion", None) == "my_v1"
+    with pytest.raises(InputError, match="unknown regression model 'my_v1'"):
+        registry.check("regression", "my_v1")  # a diffusion model cannot run as regression
 
 
 def test_regression_job_through_the_server_matches_in_process(start_server):

@@ -33,8 +33,9 @@ class Method:
     ``"module:Class"``: ``Class.load(model, device=..., **request.extra)`` returns a loaded model
     whose ``run(volume, target, reporter=..., **options)`` returns the output Volume, or
     ``(output, uncertainty)``. ``options`` are the request fields the method takes;
-    ``default_model`` is the shipped model used when the request names none; ``checkpoint_file``
-    is the file that marks a model folder of this method."""
+    ``default_model`` is the shipped model used when the request names none (None: the method
+    ships no model, so a request must name a folder); ``checkpoint_file`` is the file that marks a
+    model folder of this method."""
 
     name: str
     description: str
@@ -50,11 +51,10 @@ class Method:
 
 REGRESSION_METHOD = "regression"
 REGRESSION_MODEL = "regression"  # the network shipped in ctsliceinterp/models/weights/regression
-DIFFUSION_METHOD = "diffusion"
+DIFFUSION_METHOD = "diffusion"  # latent diffusion v1: no shipped model since v2 superseded it; train your own
 RESIDUAL_DIFFUSION_METHOD = "residual_diffusion"
 RESIDUAL_DIFFUSION_MODEL = "residual_diffusion"  # ctsliceinterp/models/weights/residual_diffusion
 CLASSICAL_FALLBACK = "bspline"  # the default when no learned default model ships
-DEFAULT_MODEL = "default"  # the diffusion model shipped in ctsliceinterp/models/weights/default
 # The default when its shipped model is installed: the best method on held-out CT (docs/quality.md).
 DEFAULT_LEARNED_METHOD = REGRESSION_METHOD
 
@@ -74,9 +74,9 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             DIFFUSION_METHOD,
-            "latent diffusion: slice VAE + 3-D latent U-Net, consistent with the thick slices",
+            "latent diffusion v1: slice VAE + 3-D latent U-Net, consistent with the thick slices "
+            "(no shipped model: a folder trained with Training/train_vae.py and train_diffusion.py)",
             pipeline="ctsliceinterp.pipelines.diffusion:Interpolator",
-            default_model=DEFAULT_MODEL,
             options=("steps", "sampler", "samples", "consistency", "seed"),
             checkpoint_file="model.json",
         ),
@@ -130,7 +130,16 @@ def _not_installed(name: str) -> str:
             f"give a checkpoint folder with --model, or another method")
 
 
-def shipped_model_available(name: str = DEFAULT_MODEL) -> bool:
+def _no_shipped_model(method: Method) -> str:
+    """For a learned method that ships no model: name a folder, or a method with a shipped model
+    that takes the same options (diffusion v1 -> residual_diffusion)."""
+    successors = [m.name for m in METHODS.values() if m.default_model and set(method.options) <= set(m.options)]
+    instead = f", or use --method {' or '.join(successors)}" if successors else ", or another method"
+    return (f"{method.name} has no shipped model: give --model FOLDER of a trained {method.name} model "
+            f"(a folder holding {method.checkpoint_file}){instead}")
+
+
+def shipped_model_available(name: str) -> bool:
     """True when the package carries the named model's weights (checked without importing torch)."""
     try:
         return (WEIGHTS_DIR / name).is_dir() and model_method(name) is not None
@@ -268,6 +277,8 @@ def load_model(method: str, model: Optional[str] = None, device: str = "auto", *
     if entry.classical:
         raise InputError(f"{method} is a classical method: it has no model to load")
     model = model or entry.default_model
+    if model is None:
+        raise InputError(_no_shipped_model(entry))
     # A shipped name (not a folder of that name here) whose weights are absent: say so, before torch.
     if str(model) in SHIPPED_MODELS and not Path(model).expanduser().is_dir() and not shipped_model_available(model):
         raise InputError(_not_installed(str(model)))

@@ -43,13 +43,15 @@ class TqdmProgress:
 
 def method_of_model(model: str) -> str:
     """The method whose checkpoint ``model`` is (``api.model_method``); for a shipped model whose
-    weights are absent, its own method (whose loader says it is not installed); else diffusion,
-    whose loader names the problem."""
-    from ..api import DIFFUSION_METHOD, METHODS, model_method
+    weights are absent, its own method (whose loader says it is not installed); else the
+    ``InputError`` naming what a model folder holds."""
+    from ..api import METHODS, model_method
     from ..core.errors import InputError
 
     try:
         return model_method(model)
     except InputError:
         shipped = {m.default_model: m.name for m in METHODS.values() if m.default_model}
-        return shipped.get(str(model), DIFFUSION_METHOD)
+        if str(model) in shipped:
+            return shipped[str(model)]
+        raise

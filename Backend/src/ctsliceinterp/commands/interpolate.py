@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..api import (DEFAULT_METHOD, DIFFUSION_METHOD, METHODS, RESIDUAL_DIFFUSION_METHOD, SERVER_DEFAULT, available_methods,
-                   get_method, shipped_model_available)
+from ..api import DEFAULT_METHOD, METHODS, RESIDUAL_DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
 from ..core.grid import DEFAULT_SPACING_MM
 from .common import TqdmProgress, add_input_arguments, method_of_model
 
@@ -20,7 +19,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--like-series", choices=["thick", "thin"], help="series of a case ZIP/folder given to --like")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
     model = parser.add_argument_group("model options (learned methods; the sampling ones are the diffusion methods')")
-    model.add_argument("--model", help="model name or checkpoint folder (default: the method's shipped model); "
+    unshipped = ", ".join(name for name, entry in METHODS.items() if not entry.classical and not entry.default_model)
+    model.add_argument("--model", help="model name or checkpoint folder (default: the method's shipped model; "
+                                        f"{unshipped} ships none: give your trained model's folder); "
                                         "without --method it names its own method")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
@@ -45,13 +46,6 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
 
 
-def sampling_method() -> str:
-    """The method sampling options mean when none is named: latent diffusion v2, the better of the
-    two on held-out CT (docs/quality.md), when its shipped weights are installed."""
-    v2 = get_method(RESIDUAL_DIFFUSION_METHOD)
-    return RESIDUAL_DIFFUSION_METHOD if shipped_model_available(v2.default_model) else DIFFUSION_METHOD
-
-
 def build_request(args, reference_geometry=None):
     from ..core.errors import InputError
     from ..api import InterpolationRequest
@@ -60,16 +54,16 @@ def build_request(args, reference_geometry=None):
         raise InputError("--samples must be at least 1")
     # Without --method: a --model names its own method (on a server the method is not sent: the
     # server knows which method each of its models has, and checks the options against it),
-    # sampling options mean the default method when it samples, else latent diffusion v2 (v1 when
-    # v2's weights are absent), and on a server
-    # its own default applies.
+    # sampling options mean the default method when it samples, else latent diffusion v2 (the
+    # diffusion method with a shipped model; its loader says so when its weights are absent), and
+    # on a server its own default applies.
     sampling = args.steps or args.sampler or args.samples is not None or args.uncertainty
     if args.method:
         method = args.method
     elif args.model:
         method = SERVER_DEFAULT if args.server else method_of_model(args.model)
     elif sampling:
-        method = DEFAULT_METHOD if "samples" in get_method(DEFAULT_METHOD).options else sampling_method()
+        method = DEFAULT_METHOD if "samples" in get_method(DEFAULT_METHOD).options else RESIDUAL_DIFFUSION_METHOD
     else:
         method = SERVER_DEFAULT if args.server else DEFAULT_METHOD
     if method != SERVER_DEFAULT and "samples" not in get_method(method).options and sampling:

@@ -6,6 +6,8 @@ once the server accepts connections, so a parent process knows where to connect.
 
 from __future__ import annotations
 
+from ..api import SHIPPED_MODELS
+
 DEFAULT_PORT = 8000
 
 
@@ -13,7 +15,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH", help="model of a learned method to serve and keep loaded: a shipped name or a checkpoint folder "
-                        "(repeatable; default: the shipped models that are installed: 'regression', 'default', 'residual_diffusion')")
+                        "(repeatable; default: the shipped models that are installed: "
+                        f"{', '.join(map(repr, SHIPPED_MODELS))})")
     parser.add_argument("--no-default-model", action="store_true", help="without --model, serve the classical methods only")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for the learned methods' models (default auto)")
     parser.add_argument("--token-file", metavar="F", help="file whose first line is the bearer token (or set CTSLICEINTERP_TOKEN)")
@@ -41,7 +44,7 @@ def server_config(args):
     import logging
     import os
 
-    from ..api import SHIPPED_MODELS, shipped_model_available
+    from ..api import shipped_model_available
     from ..core.errors import InputError
     from ..serving.access import read_token
     from ..serving.server import ServerConfig

@@ -98,11 +98,6 @@ def resolve_model(path_or_name) -> Path:
         shipped = WEIGHTS_DIR / name
         if shipped.is_dir():
             return shipped
-        if name == "default":
-            raise CheckpointError(
-                "no default diffusion model is installed with this package: pass --model PATH to a "
-                "checkpoint folder, or use a classical method (--method bspline)"
-            )
         raise CheckpointError(f"no model named {name!r} is installed and no folder {path} exists")
     raise CheckpointError(f"the model folder {path} does not exist")
 

@@ -124,7 +124,7 @@ class Interpolator:
         self.last_consistency: list[list[float]] = []
 
     @classmethod
-    def load(cls, path_or_name="default", device="auto", compile: bool = False) -> "Interpolator":
+    def load(cls, path_or_name, device="auto", compile: bool = False) -> "Interpolator":
         checkpoint: Checkpoint = load_checkpoint(path_or_name, device="cpu", require_unet=True)
         name = checkpoint.path.name if checkpoint.path else checkpoint.config.name
         return cls(checkpoint.vae, checkpoint.unet, checkpoint.config, checkpoint.latent_scale, device, compile, name)
