@@ -264,7 +264,7 @@ def test_job_parameters_follow_the_method_registry():
 def test_the_widget_enables_the_options_the_method_takes():
     assert logic.method_options("bspline") == ()
     assert {"steps", "samples", "consistency"} <= set(logic.method_options("tiny"))  # a diffusion model
-    assert set(logic.method_options("diffusion")) == set(logic.method_options("default"))
+    assert set(logic.method_options("diffusion")) == set(logic.method_options("my_v1"))  # a served v1 model's name
 
 
 def test_a_session_ends_only_once_its_result_is_stored(make_volume):
@@ -327,15 +327,27 @@ def test_the_local_backend_serves_every_installed_model_and_skips_absent_weights
     from CTSliceInterpLib import local_backend
 
     weights = tmp_path / "src" / "ctsliceinterp" / "models" / "weights"
-    for name, marker in (("default", "model.json"), ("regression", "regression.json"), ("residual_diffusion", None)):
+    for name, marker in (("regression", "regression.json"), ("residual_diffusion", None)):
         (weights / name).mkdir(parents=True)
         if marker:
             (weights / name / marker).write_text("{}")
-    extra = tmp_path / "my_rd"
-    extra.mkdir()
-    (extra / "residual_diffusion.json").write_text("{}")
+    extra, v1 = tmp_path / "my_rd", tmp_path / "my_v1"  # the user's own models (v1 ships none)
+    for folder, marker in ((extra, "residual_diffusion.json"), (v1, "model.json")):
+        folder.mkdir()
+        (folder / marker).write_text("{}")
     monkeypatch.setattr(local_backend, "backend_source_dir", lambda: tmp_path / "src")
-    monkeypatch.setenv(local_backend.MODELS_ENVIRONMENT_VARIABLE, os.pathsep.join([str(extra), str(tmp_path / "none")]))
-    assert local_backend.local_model_specs() == [str(weights / "default"), str(weights / "regression"), str(extra)]
+    monkeypatch.setenv(local_backend.MODELS_ENVIRONMENT_VARIABLE,
+                       os.pathsep.join([str(extra), str(tmp_path / "none"), str(v1)]))
+    assert local_backend.local_model_specs() == [str(weights / "regression"), str(extra), str(v1)]
     (weights / "residual_diffusion" / "residual_diffusion.json").write_text("{}")  # its weights arrive
     assert str(weights / "residual_diffusion") in local_backend.local_model_specs()
+
+
+def test_the_bundled_backend_serves_the_shipped_models_and_no_v1_model(monkeypatch):
+    """The local backend's menu lists what it serves: regression and residual_diffusion, not v1's
+    former 'default' (no longer shipped)."""
+    from CTSliceInterpLib import local_backend
+
+    monkeypatch.delenv(local_backend.MODELS_ENVIRONMENT_VARIABLE, raising=False)
+    names = [os.path.basename(spec) for spec in local_backend.local_model_specs()]
+    assert names == ["regression", "residual_diffusion"]
