@@ -14,8 +14,8 @@
    every result, and three floors measured in the same run: the same bytes over a plain
    loopback socket, one copy of the result into fresh memory (the least any transport between
    two processes costs), and one write of it into a fresh shared-memory segment.
-4. Diffusion overhead: the job users run by default (the shipped model on the bundled phantom,
-   seed 0), in process with the model loaded once and through `serve`, alternating.
+4. Learned-method overhead: the job users run by default (the default method's shipped model on
+   the bundled phantom), in process with the model loaded once and through `serve`, alternating.
 5. Latency: small requests on one kept-alive connection (as a long-polling client makes them),
    plain and TLS, against the shipped listening socket (TCP_NODELAY) and against the same server
    on a socket without it (how `serve` bound it before), to show what Nagle's algorithm costs.
@@ -432,16 +432,18 @@ def overhead(shape, repeats: int) -> dict:
     }
 
 
-def diffusion_overhead(repeats: int) -> dict:
-    """The job users run by default: the shipped diffusion model on the bundled phantom, in
-    process (model loaded once, as the server keeps it) and through `serve` (default model)."""
+def learned_overhead(repeats: int) -> dict:
+    """The job users run by default: the default method's shipped model on the bundled phantom
+    (seed 0 where the method samples), in process (model loaded once, as the server keeps it) and
+    through `serve` (its default models)."""
+    from ctsliceinterp.api import DEFAULT_LEARNED_METHOD, get_method, load_model
     from ctsliceinterp.io import read_volume
-    from ctsliceinterp.pipelines.diffusion import Interpolator
 
+    method = get_method(DEFAULT_LEARNED_METHOD)
     volume = read_volume(REPO / "samples" / "phantom_head_thick_5mm.nii.gz")
-    request = InterpolationRequest(method="diffusion", model="default", seed=0)
-    params = {"method": "diffusion", "model": "default", "spacing": 1.0, "seed": 0}
-    interpolator = Interpolator.load("default", device="cpu")
+    request = InterpolationRequest(method=method.name, seed=0 if "seed" in method.options else None)
+    params = request.to_params()
+    interpolator = load_model(method.name, device="cpu")  # its shipped model; an error if not installed
     server = ServerProcess("--device", "cpu")
     try:
         client = Client(server.url)
@@ -467,7 +469,8 @@ def diffusion_overhead(repeats: int) -> dict:
     return {
         "input_shape": list(volume.array.shape),
         "output_shape": list(expected.shape),
-        "model": "default (shipped)",
+        "method": method.name,
+        "model": f"{method.default_model} (shipped)",
         "in_process_seconds": round(local_s, 2),
         "in_process_seconds_all": [round(x, 2) for x in local],
         "server_seconds": round(remote_s, 2),
@@ -798,7 +801,7 @@ def machine() -> str:
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         return serve_from_spec(sys.argv[2])
-    sections = ["load", "fuzz", "overhead", "diffusion", "latency", "full_queue", "hostile"]
+    sections = ["load", "fuzz", "overhead", "learned", "latency", "full_queue", "hostile"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--quick", action="store_true", help="smaller numbers (a smoke run)")
@@ -808,7 +811,7 @@ def main() -> int:
     args = parser.parse_args()
     run = [name for name in (args.only or sections) if name not in args.skip]
     deadline = time.monotonic() + args.max_seconds
-    figures = {"machine": machine(), **{("diffusion_overhead" if name == "diffusion" else name): None for name in sections}}
+    figures = {"machine": machine(), **{("learned_overhead" if name == "learned" else name): None for name in sections}}
     if "load" in run:
         figures["load"] = load_test(4 if args.quick else 20, 3, (12, 128, 128), deadline)
         print("load:", json.dumps(figures["load"]), flush=True)
@@ -818,9 +821,9 @@ def main() -> int:
     if "overhead" in run:
         figures["overhead"] = overhead((20, 256, 256) if args.quick else (50, 512, 512), 2 if args.quick else 9)
         print("overhead:", json.dumps(figures["overhead"]), flush=True)
-    if "diffusion" in run:
-        figures["diffusion_overhead"] = diffusion_overhead(1 if args.quick else 3)
-        print("diffusion overhead:", json.dumps(figures["diffusion_overhead"]), flush=True)
+    if "learned" in run:
+        figures["learned_overhead"] = learned_overhead(1 if args.quick else 3)
+        print("learned overhead:", json.dumps(figures["learned_overhead"]), flush=True)
     if "latency" in run:
         figures["latency"] = latency(20 if args.quick else 200)
         print("latency:", json.dumps(figures["latency"]), flush=True)
