@@ -150,7 +150,8 @@ class LatentRunCache(SeededDataset):
         for start in tqdm(range(0, len(runs), 4), desc="encoding the training runs", unit="batch", mininterval=30):
             batch = runs.collate([runs[i] for i in range(start, min(start + 4, len(runs)))])
             target, condition = encode(batch)
-            for name, value in zip(parts, (target, condition, batch["positions"], batch["mask"])):
+            # The condition in half precision: with full-resolution images it is most of the pool.
+            for name, value in zip(parts, (target, condition.half(), batch["positions"], batch["mask"])):
                 parts[name].append(value.cpu())
         self.pool = {name: torch.cat(values) for name, values in parts.items()}
         if path is not None:
@@ -160,4 +161,4 @@ class LatentRunCache(SeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         j = int(self.rng(index).integers(self.pool["target"].shape[0]))
-        return {name: value[j] for name, value in self.pool.items()}
+        return {name: value[j].float() for name, value in self.pool.items()}

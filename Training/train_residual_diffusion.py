@@ -8,8 +8,10 @@
 Each item is a run of thin slices with its base, made as inference makes it
 (``residual_data.ResidualRunDataset``). The target is the guided VAE's residual latent of the run
 (posterior mean, times the measured latent scale); the condition is the base's latent and the thick
-slices' latents resampled onto the thin positions, with the pipeline's own functions
-(``ResidualDiffusionInterpolator.condition``). The loss is ``diffusion_loss.diffusion_loss``: the
+slices' latents resampled onto the thin positions, plus the full-resolution images when the U-Net
+takes them, with the pipeline's own functions (``ResidualDiffusionInterpolator.condition``).
+``init_unet: FOLDER`` starts the U-Net from a trained model folder's (a latents-only U-Net's weights
+start one that also takes images: the image features enter at zero). The loss is ``diffusion_loss.diffusion_loss``: the
 min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on padded slices,
 plus ``loss.mean_head`` times the x0 head's unweighted MSE (``posterior_mean_latent``: the
 one-pass posterior mean the default output uses).
@@ -42,7 +44,7 @@ class ResidualDiffusionTask:
 
     def __init__(self, config: dict, runtime: loop.Runtime, out: Path):
         from ctsliceinterp.core.errors import InputError
-        from ctsliceinterp.models.unet import UNet3D
+        from ctsliceinterp.models.residual_unet import ResidualUNet3D
         from ctsliceinterp.pipelines.regression import RegressionInterpolator
         from ctsliceinterp.pipelines.residual_diffusion import ResidualDiffusionInterpolator, load_residual_model, named_config
         from diffusion_loss import training_scheduler
@@ -65,7 +67,9 @@ class ResidualDiffusionTask:
         self.device = runtime.device
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.regression_net = regression
-        self.model = UNet3D(self.model_config.unet)
+        self.model = ResidualUNet3D(self.model_config.unet)
+        if config.get("init_unet"):
+            self._start_from(Path(config["init_unet"]))
         self.scheduler = training_scheduler(self.model_config.diffusion)
         # The pipeline's own conditioning (and, for the monitor, sampling and decoding) functions.
         self.pipeline = ResidualDiffusionInterpolator(self.vae, self.model, copy.deepcopy(regression), self.model_config,
@@ -88,8 +92,28 @@ class ResidualDiffusionTask:
             if runtime.distributed:
                 raise TrainingError("data.cache_runs is a single-process CPU economy: set data.cache_runs=0 under torchrun")
             runs = ResidualRunDataset(data, "train", base_network, self.seed + 2, cache_runs, fixed=True)
-            key = {"runs": cache_runs, "seed": self.seed, "data": data, "weights": _weights_digest(Path(config["vae_checkpoint"]))}
+            key = {"runs": cache_runs, "seed": self.seed, "data": data, "weights": _weights_digest(Path(config["vae_checkpoint"])),
+                   "condition": self.model_config.unet.raw_condition_channels}
             self.train_dataset = LatentRunCache(runs, self.latents, out / "latent_cache.pt", key, self.seed)
+
+    def _start_from(self, folder: Path) -> None:
+        """``init_unet``: the U-Net of a trained residual model folder (the same size; a latents-only
+        one when this U-Net also takes images, which then enter at zero)."""
+        from safetensors.torch import load_file
+
+        from ctsliceinterp.pipelines.residual_diffusion import UNET_FILE
+
+        path = folder / UNET_FILE
+        if not path.is_file():
+            raise TrainingError(f"init_unet: no {UNET_FILE} in {folder}")
+        state = load_file(str(path))
+        try:
+            if self.model.image_encoder is not None and not any(k.startswith("image_encoder.") for k in state):
+                self.model.load_latent_only_weights(state)
+            else:
+                self.model.load_state_dict(state)
+        except (RuntimeError, ValueError) as exc:
+            raise TrainingError(f"init_unet {folder}: {str(exc).splitlines()[0]}") from None
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.enable_gradient_checkpointing(True)
@@ -144,7 +168,7 @@ class ResidualDiffusionTask:
         parts = {"truth": [], "bspline": [], "regression": [], "x0_head": [], "mean": [], "sample": [], "std": []}
         for index, item in enumerate(items):
             base = item["base"].numpy()
-            condition = pipeline.condition(base, item["thick"].numpy(), item["x"].numpy())
+            condition = pipeline.encoded_condition(base, item["thick"].numpy(), item["x"].numpy())
             positions = item["positions"][None].to(self.device)
             head = pipeline.decode(pipeline.mean_residual(condition, positions), base)
             decoded = []

@@ -19,12 +19,13 @@ from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.core.volume import Volume  # noqa: E402
 from ctsliceinterp.models.guided_vae import GuidedSliceVAE  # noqa: E402
 from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet  # noqa: E402
-from ctsliceinterp.models.unet import UNet3D  # noqa: E402
+from ctsliceinterp.models.residual_unet import ResidualUNet3D  # noqa: E402
 from ctsliceinterp.pipelines.regression import RegressionInterpolator  # noqa: E402
 from ctsliceinterp.pipelines.residual_diffusion import ResidualDiffusionInterpolator, named_config  # noqa: E402
 
 SAMPLE = REPO_ROOT / "samples" / "phantom_head_thick_5mm.nii.gz"
 TINY = named_config("tiny")
+TINY_IMAGES = named_config("tiny_images")  # with the full-resolution image inputs
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,9 +40,9 @@ def _volume(seed: int = 0) -> Volume:
                              {"slice_thickness": 5.0})
 
 
-def _networks(acting: bool):
+def _networks(acting: bool, config=TINY):
     torch.manual_seed(0)
-    vae, unet = GuidedSliceVAE(TINY.vae), UNet3D(TINY.unet)
+    vae, unet = GuidedSliceVAE(config.vae), ResidualUNet3D(config.unet)
     regression = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8)))
     if acting:  # trained networks do not predict zero
         for p in (*vae.head[-1].parameters(), *unet.conv_out.parameters(), *regression.head.parameters()):
@@ -93,6 +94,60 @@ def test_posterior_mean_with_uncertainty_or_one_sample_both_consistent():
         assert output.array.min() <= -2900 and output.array.max() >= 2400  # HU outside any window survive
 
 
+def _acting_unet(config) -> ResidualUNet3D:
+    unet = ResidualUNet3D(config.unet)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.02)
+    return unet
+
+
+def test_image_unet_started_from_a_latents_only_one_computes_the_same_then_uses_the_images():
+    torch.manual_seed(0)
+    latents_only, with_images = _acting_unet(TINY), ResidualUNet3D(TINY_IMAGES.unet)
+    with_images.load_latent_only_weights(latents_only.state_dict())
+    condition = torch.randn(1, TINY_IMAGES.unet.raw_condition_channels, 6, 4, 4)
+    noisy, positions, t = torch.randn(1, 4, 6, 4, 4), torch.rand(1, 3, 6), torch.tensor([700])
+    with torch.no_grad():
+        expected = latents_only(noisy, t, condition[:, : TINY.unet.condition_channels], positions)
+        np.testing.assert_allclose(with_images(noisy, t, condition, positions), expected, atol=1e-5)
+        other_images = condition.clone()
+        other_images[:, TINY.unet.condition_channels :] += 1.0
+        torch.nn.init.normal_(with_images.conv_in[0].weight, std=0.1)  # once trained, the features count
+        assert not torch.allclose(with_images(noisy, t, condition, positions), with_images(noisy, t, other_images, positions))
+    wider = ResidualUNet3D(named_config("latents_only").unet)
+    with pytest.raises((ValueError, RuntimeError)):
+        with_images.load_latent_only_weights(wider.state_dict())  # another size: refused, not half loaded
+
+
+def test_image_condition_is_the_base_and_the_thick_slices_around_each_thin_slice_at_full_resolution():
+    import torch.nn.functional as F
+
+    from ctsliceinterp.pipelines.diffusion import pad_in_plane, thin_positions
+    from ctsliceinterp.pipelines.residual_diffusion import image_condition
+
+    vae, _, regression = _networks(acting=True, config=TINY_IMAGES)
+    unet = _acting_unet(TINY_IMAGES)
+    model = ResidualDiffusionInterpolator(vae, unet, regression, TINY_IMAGES, device="cpu")
+    volume = _volume(2)
+    target = thin_grid(volume.geometry, 1.0)  # 26 thin slices: more than one image batch of 16
+    base = model.regression.run(volume, target, consistency=False).array
+    base, _ = pad_in_plane(base, TINY_IMAGES.pixel_multiple)
+    thick, _ = pad_in_plane(volume.array, TINY_IMAGES.pixel_multiple)
+    x, _ = thin_positions(volume.geometry, target)
+    images = image_condition(base, thick, x, regression.config)
+    below = thick[np.floor(x).astype(int)]
+    np.testing.assert_allclose(images[:, 0], np.clip(base / 1000.0, -1.5, 3.5), atol=1e-6)
+    np.testing.assert_allclose(images[:, 1], np.clip(below / 1000.0 - base / 1000.0, -3, 3), atol=1e-5)
+    with torch.no_grad():
+        raw = model.condition(base, thick, x)
+    latents = TINY_IMAGES.unet.condition_channels
+    packed = raw[0, latents:].permute(1, 0, 2, 3)
+    np.testing.assert_allclose(F.pixel_shuffle(packed, 8).numpy(), images, atol=1e-6)  # what the encoder unpacks
+    with torch.no_grad():
+        np.testing.assert_allclose(model.encoded_condition(base, thick, x), unet.encode_condition(raw), atol=1e-5)
+    output, _ = model.run(volume, target, seed=0)
+    assert output.geometry == target and np.all(np.isfinite(output.array))
+
+
 def _data(crop: int) -> dict:
     # Self-supervision from in-plane data: slabs along rows/columns of the bundled thick phantom.
     return {"crop": crop, "in_plane_probability": 1.0, "real_pair_probability": 0.0,
@@ -124,6 +179,12 @@ def trained_folders(tmp_path_factory):
     built = cache.stat().st_mtime_ns
     assert train_residual_diffusion.main(diffusion_args + ["--max-steps", "4", "--resume"]) == 0
     assert cache.stat().st_mtime_ns == built  # the resumed run reused the encoded pool
+    images_args = ["--config", str(REPO_ROOT / "Training" / "configs" / "residual_diffusion_images.yaml"),
+                   "--out", str(root / "images"), "--set", f"vae_checkpoint={root / 'vae' / 'model'}",
+                   "--set", f"init_unet={root / 'diffusion' / 'model'}", "--set", f"data={ {**_run_data(), 'cache_runs': 2} }",
+                   "--set", "train.batch_size=1", "--set", "monitor.items=1", "--set", "monitor.steps=2", *common,
+                   "--set", "model=tiny_images"]
+    assert train_residual_diffusion.main(images_args + ["--max-steps", "2"]) == 0
     return root
 
 
@@ -157,6 +218,20 @@ def test_training_scripts_run_resume_export_and_the_pipeline_loads_the_result(tr
                   {"slice_thickness": 5.0})
     output, std = model.run(crop, thin_grid(crop.geometry, 1.0), samples=2, seed=0)
     assert output.shape == (16, 48, 48) and std.shape == output.shape and np.isfinite(output.array).all()
+    images = ResidualDiffusionInterpolator.load(trained_folders / "images" / "model", device="cpu")
+    assert images.config.unet.image_inputs == 3 and images.unet.image_encoder is not None
+    output, _ = images.run(crop, thin_grid(crop.geometry, 1.0), seed=0)
+    assert output.shape == (16, 48, 48) and np.isfinite(output.array).all()
+
+
+def test_init_unet_that_is_not_a_model_folder_is_one_line(trained_folders, tmp_path, capsys):
+    import train_residual_diffusion
+
+    args = ["--config", str(REPO_ROOT / "Training" / "configs" / "residual_diffusion_images.yaml"), "--out", str(tmp_path / "x"),
+            "--set", f"vae_checkpoint={trained_folders / 'vae' / 'model'}", "--set", f"init_unet={tmp_path}",
+            "--set", "model=tiny_images", "--no-progress", "--max-steps", "1"]
+    assert train_residual_diffusion.main(args) != 0
+    assert "init_unet: no residual_unet.safetensors in" in capsys.readouterr().err
 
 
 def test_diffusion_loss_falls_on_real_ct(trained_folders):

@@ -4,10 +4,12 @@ In order (``ResidualDiffusionInterpolator.run``):
 1. the base: the ``regression`` method's output on the thin grid, without its consistency
    correction (``RegressionInterpolator.run``), full HU range;
 2. the condition, per thin slice: the guided VAE's latent of the base, plus the thick slices'
-   latents (the same guide encoder) resampled linearly onto the thin positions, and the position
-   channels (``pipelines.diffusion.thin_positions``);
-3. the depth-preserving 3-D U-Net (``models.unet.UNet3D``, with a wider conditioning input)
-   gives the *residual* latent in overlapping depth chunks (``depth_chunks.blend_over_depth``):
+   latents (the same guide encoder) resampled linearly onto the thin positions, the position
+   channels (``pipelines.diffusion.thin_positions``) and, for a U-Net with ``image_inputs``, the
+   base and the thick slices on either side at full resolution (``image_condition``), encoded once
+   by the U-Net's image encoder;
+3. the depth-preserving 3-D U-Net (``models.residual_unet.ResidualUNet3D``) gives the *residual*
+   latent in overlapping depth chunks (``depth_chunks.blend_over_depth``):
    its posterior mean by the x0 head, or samples;
 4. the guided decode: base + the decoder's correction, in HU, slice batches;
 5. the thick-slice consistency correction (``core.acquisition.consistency_correction``); nothing
@@ -44,27 +46,15 @@ from ..core.volume import Geometry, Volume
 from ..models.configs import SAMPLERS, DiffusionConfig, UNetConfig
 from ..models.guided_vae import GuidedSliceVAE, GuidedVAEConfig
 from ..models.regression import ThroughPlaneNet
-from ..models.unet import UNet3D
+from ..models.residual_unet import ResidualUNet3D, ResidualUNetConfig, pack_images
 from .depth_chunks import blend_over_depth
 from .device import resolve_device
 from .diffusion import RunningMoments, pad_in_plane, resample_depth, thin_positions
-from .regression import RegressionInterpolator
+from .regression import RegressionInterpolator, network_inputs
 
 CONFIG_FILE = "residual_diffusion.json"
 UNET_FILE = "residual_unet.safetensors"
 REGRESSION_FOLDER = "regression"
-
-
-@dataclass(frozen=True)
-class ResidualUNetConfig(UNetConfig):
-    """``models.unet``'s U-Net with a conditioning input of ``condition_channels`` (the base's
-    latent and the thick latents) instead of one latent's worth."""
-
-    condition_channels: int = 8
-
-    @property
-    def in_channels(self) -> int:
-        return self.latent_channels + self.condition_channels + self.position_channels
 
 
 MEAN_ESTIMATORS = ("x0_head", "samples")
@@ -129,32 +119,46 @@ class ResidualDiffusionConfig:
 
 
 def named_config(name: str) -> ResidualDiffusionConfig:
-    """``tiny`` (tests), ``default`` (the size to train on a CPU first)."""
-    if name == "tiny":
+    """``tiny`` and ``tiny_images`` (tests), ``default`` (the size to train on a CPU first: with the
+    full-resolution image inputs) and ``latents_only`` (the same, conditioned on latents alone)."""
+    if name in ("tiny", "tiny_images"):
         return ResidualDiffusionConfig(
-            name="tiny",
+            name=name,
             vae=GuidedVAEConfig(widths=(8, 16, 16), guide_widths=(8, 8, 16)),
             unet=ResidualUNetConfig(base_channels=16, channel_mult=(1, 2), blocks_per_level=1, attention_levels=(1,),
-                                    attention_head_channels=16, norm_groups=8, conv="2+1d"),
+                                    attention_head_channels=16, norm_groups=8, conv="2+1d",
+                                    image_inputs=IMAGE_INPUTS if name == "tiny_images" else 0, image_widths=(8, 8, 8)),
             inference=ResidualInferenceConfig(steps=4, mean_samples=3, chunk_depth=16, chunk_overlap=4),
         )
-    if name == "default":
-        # U-Net as the shipped diffusion 'default' (2+1-D, base 16); VAE light at 1/2 because the
-        # decoder runs on every thin slice of every sample.
+    if name in ("default", "latents_only"):
+        # U-Net 2+1-D, base 16; VAE light at 1/2 because the decoder runs on every thin slice of
+        # every sample. "latents_only" is the first shipped U-Net, conditioned on latents alone.
         return ResidualDiffusionConfig(
-            name="default",
+            name=name,
             vae=GuidedVAEConfig(widths=(24, 48, 96), guide_widths=(16, 24, 48)),
             unet=ResidualUNetConfig(base_channels=16, channel_mult=(1, 2, 4), blocks_per_level=1, attention_levels=(1, 2),
-                                    attention_head_channels=16, conv="2+1d", norm_groups=8),
+                                    attention_head_channels=16, conv="2+1d", norm_groups=8,
+                                    image_inputs=IMAGE_INPUTS if name == "default" else 0),
         )
-    raise InputError(f"unknown residual diffusion config {name!r}; choose tiny or default")
+    raise InputError(f"unknown residual diffusion config {name!r}; choose tiny, tiny_images, default or latents_only")
 
 
-def posterior_mean_latent(unet: UNet3D, condition: torch.Tensor, positions: torch.Tensor,
+IMAGE_INPUTS = 3  # the base and the thick slices on either side (image_condition)
+
+
+def image_condition(base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray, regression_config) -> np.ndarray:
+    """(D, 3, H, W) network-unit images of the thin slices at thick indices ``x``: the base, and the
+    differences to it of the thick slices at or below and above, by the regression network's own
+    input rule (``network_inputs``: the same units and clipping)."""
+    two_neighbours = dataclasses.replace(regression_config, neighbours=2)
+    return network_inputs(thick_hu, x, base_hu, 1.0, 1.0, two_neighbours)[:, :IMAGE_INPUTS]
+
+
+def posterior_mean_latent(unet, condition: torch.Tensor, positions: torch.Tensor,
                           num_train_timesteps: int, latent_channels: int) -> torch.Tensor:
     """The x0 head: minus the U-Net's v at the last timestep on a zero latent, (B, C, D, h, w).
 
-    At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
+    ``unet`` is the U-Net or its ``forward_encoded`` with an encoded condition. At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
     removes; trained with an unweighted MSE against the encoder's latent (min-SNR weights vanish at
     t = T), it is the posterior mean of the residual latent in one pass."""
     shape = (condition.shape[0], latent_channels) + tuple(condition.shape[2:])  # unet may be a DDP wrapper
@@ -164,7 +168,7 @@ def posterior_mean_latent(unet: UNet3D, condition: torch.Tensor, positions: torc
 
 # --- the model folder --------------------------------------------------------------------------
 def save_residual_model(folder: str | Path, vae: GuidedSliceVAE, regression: ThroughPlaneNet,
-                        config: ResidualDiffusionConfig, unet: Optional[UNet3D] = None, info: dict | None = None) -> Path:
+                        config: ResidualDiffusionConfig, unet: Optional[ResidualUNet3D] = None, info: dict | None = None) -> Path:
     """The guided VAE, its base network and (when trained) the U-Net, each file atomic."""
     from ..models.folders import save_json, save_weights
 
@@ -198,7 +202,7 @@ def load_residual_model(folder: str | Path, require_unet: bool = True):
     regression = ThroughPlaneNet.from_pretrained(folder / REGRESSION_FOLDER)
     unet = None
     if (folder / UNET_FILE).is_file():
-        unet = UNet3D(config.unet)
+        unet = ResidualUNet3D(config.unet)
         unet.load_state_dict(load_file(str(folder / UNET_FILE)))
         unet.eval()
     elif require_unet:
@@ -210,7 +214,7 @@ def load_residual_model(folder: str | Path, require_unet: bool = True):
 class ResidualDiffusionInterpolator:
     """A loaded residual latent diffusion model. ``load(folder)``, then ``run``."""
 
-    def __init__(self, vae: GuidedSliceVAE, unet: UNet3D, regression: ThroughPlaneNet, config: ResidualDiffusionConfig,
+    def __init__(self, vae: GuidedSliceVAE, unet: ResidualUNet3D, regression: ThroughPlaneNet, config: ResidualDiffusionConfig,
                  device="auto", name: str = ""):
         self.config = config
         self.device = resolve_device(device)
@@ -235,7 +239,7 @@ class ResidualDiffusionInterpolator:
             parts.append(fn(*tensors).float())
         return torch.cat(parts)
 
-    def condition(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
+    def latent_condition(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
         """(1, 2C, D, h, w): the scaled latents of the base slices and of the thick slices, the
         latter resampled at continuous thick indices ``x``. Arrays padded to ``pixel_multiple``."""
         batch, scale = self.config.inference.batch_slices, self.vae.condition_scale
@@ -244,12 +248,37 @@ class ResidualDiffusionInterpolator:
         thick_z = resample_depth(thick_z.permute(1, 0, 2, 3)[None], x)
         return torch.cat([base_z.permute(1, 0, 2, 3)[None], thick_z], dim=1)
 
+    def _packed_images(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        images = image_condition(base_hu, thick_hu, x, self.regression.config)
+        return pack_images(torch.from_numpy(images).to(self.device), self.config.unet.image_fold)
+
+    def condition(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        """The U-Net's raw condition (``models.residual_unet``): the latent condition, then the
+        packed full-resolution images when the U-Net takes them (what training stores)."""
+        latents = self.latent_condition(base_hu, thick_hu, x)
+        if not self.config.unet.image_inputs:
+            return latents
+        return torch.cat([latents, self._packed_images(base_hu, thick_hu, x)], dim=1)
+
+    def encoded_condition(self, base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        """``condition`` through the U-Net's image encoder, once, in slice batches (the packed
+        images of a whole volume would be three volumes' worth of memory)."""
+        latents = self.latent_condition(base_hu, thick_hu, x)
+        if not self.config.unet.image_inputs:
+            return latents
+        batch = 4 * self.config.inference.batch_slices
+        parts = [self.unet.encode_condition(torch.cat([latents[:, :, a : a + batch],
+                                                       self._packed_images(base_hu[a : a + batch], thick_hu, x[a : a + batch])], dim=1))
+                 for a in range(0, len(x), batch)]
+        return torch.cat(parts, dim=2)
+
     def _over_depth(self, fn, condition: torch.Tensor) -> torch.Tensor:
         """``fn(start, stop)`` -> a (1, C, chunk, h, w) latent, blended over overlapping depth chunks."""
         inference = self.config.inference
         shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
         return blend_over_depth(fn, shape, inference.chunk_depth, inference.chunk_overlap, self.device)
 
+    # ``condition`` below is ``encoded_condition``'s.
     def sample_residual(self, condition: torch.Tensor, positions: torch.Tensor, sampler: str, steps: int,
                         generator: torch.Generator, on_step=None) -> torch.Tensor:
         from ..schedulers import sample, sampling_scheduler
@@ -257,8 +286,8 @@ class ResidualDiffusionInterpolator:
         scheduler = sampling_scheduler(sampler, self.config.diffusion)
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._over_depth(lambda a, b: self.unet(x_t[:, :, a:b], t, condition[:, :, a:b], positions[:, :, a:b]),
-                                    condition)
+            return self._over_depth(lambda a, b: self.unet.forward_encoded(x_t[:, :, a:b], t, condition[:, :, a:b],
+                                                                           positions[:, :, a:b]), condition)
 
         shape = (1, self.config.vae.latent_channels) + tuple(condition.shape[2:])
         return sample(denoise, shape, scheduler, steps, generator, self.device, on_step)
@@ -267,8 +296,8 @@ class ResidualDiffusionInterpolator:
         """The posterior mean of the scaled residual latent by the x0 head, in depth chunks."""
         steps = self.config.diffusion.num_train_timesteps
         channels = self.config.vae.latent_channels
-        return self._over_depth(lambda a, b: posterior_mean_latent(self.unet, condition[:, :, a:b], positions[:, :, a:b],
-                                                                   steps, channels), condition)
+        return self._over_depth(lambda a, b: posterior_mean_latent(self.unet.forward_encoded, condition[:, :, a:b],
+                                                                   positions[:, :, a:b], steps, channels), condition)
 
     def decode(self, latents: torch.Tensor, base_hu: np.ndarray) -> np.ndarray:
         """Scaled residual latents (1, C, D, h, w) and the padded base (D, H, W) -> HU (D, H, W)."""
@@ -308,7 +337,7 @@ class ResidualDiffusionInterpolator:
             base_padded, (height, width) = pad_in_plane(base, multiple)
             thick_padded, _ = pad_in_plane(np.asarray(volume.array, dtype=np.float32), multiple)
             x, positions = thin_positions(volume.geometry, target)
-            condition = self.condition(base_padded, thick_padded, x)
+            condition = self.encoded_condition(base_padded, thick_padded, x)
             positions = torch.from_numpy(positions)[None].to(self.device)
             timings["condition"] = time.perf_counter() - t0
             moments = RunningMoments()
