@@ -1,4 +1,4 @@
-"""Named model configurations: ``tiny`` (tests), ``default`` (the shipped CPU-trained model), ``small`` (CPU inference, GPU-trained), ``medium`` (origin design).
+"""Named model configurations: ``tiny`` (tests), ``default`` (the CPU-trained v1 model once shipped), ``small`` (CPU inference, GPU-trained), ``medium`` (origin design).
 
 A ``ModelConfig`` fully describes the networks, the intensity window, the diffusion schedule and
 the inference defaults. It is stored as JSON in every checkpoint (``to_dict`` / ``from_dict``), so
@@ -195,7 +195,7 @@ def _small() -> ModelConfig:
 
 
 def _default() -> ModelConfig:
-    # The shipped model when it has to be trained on a CPU (weights/default/MODEL_CARD.md): 'small'
+    # The v1 model trained on a CPU and once shipped as weights/default (its MODEL_CARD.md is in git history): 'small'
     # at half width (VAE 32/64/128, U-Net base 16), 3-4x fewer FLOPs per step and per volume.
     return ModelConfig(
         name="default",
