@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from ctsliceinterp.cli import main
 from ctsliceinterp.io import read_volume
+from ctsliceinterp.core.errors import InputError
 from test_io_dicom import hu_volume, write_series
 
 
@@ -208,11 +209,12 @@ def test_uncertainty_with_a_classical_method_is_refused_not_ignored(tmp_path, ca
     assert not (tmp_path / "out.nrrd").exists() and not (tmp_path / "std.nrrd").exists()
 
 
-def test_model_options_without_method_select_diffusion():
+def test_a_model_without_method_must_be_a_model_folder_and_a_server_chooses_its_own_default():
     from ctsliceinterp.cli import build_parser
     from ctsliceinterp.commands.interpolate import build_request
 
     args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--model", "some/checkpoint"])
-    assert build_request(args).method == "diffusion"
+    with pytest.raises(InputError, match="^model 'some/checkpoint': not a shipped model nor a folder holding"):
+        build_request(args)  # no method to guess it for (v1's diffusion was the guess while it shipped)
     args = build_parser().parse_args(["interpolate", "in.nrrd", "-o", "out.nrrd", "--server", "http://127.0.0.1:1"])
     assert build_request(args).method == ""  # the server's own default
