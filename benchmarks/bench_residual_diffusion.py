@@ -24,7 +24,7 @@ from ctsliceinterp.core.grid import thin_grid
 from ctsliceinterp.core.volume import Volume
 from ctsliceinterp.io import read_volume
 from ctsliceinterp.models.guided_vae import GuidedSliceVAE
-from ctsliceinterp.models.unet import UNet3D
+from ctsliceinterp.models.residual_unet import ResidualUNet3D
 from ctsliceinterp.pipelines.regression import RegressionInterpolator
 from ctsliceinterp.pipelines.residual_diffusion import ResidualDiffusionInterpolator, named_config
 
@@ -33,7 +33,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "phantom_head_thick_5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default", choices=["tiny", "default"])
+    parser.add_argument("--config", default="default", choices=["tiny", "tiny_images", "default", "latents_only"])
     parser.add_argument("--slices", type=int, default=8, help="thick slices (the phantom has 28)")
     parser.add_argument("--model", help="a trained model folder or shipped name (default: untrained --config networks)")
     parser.add_argument("--samples", type=int, help="default: the model's default output")
@@ -47,7 +47,7 @@ def main() -> None:
     else:
         config = named_config(args.config)
         regression = RegressionInterpolator.load("regression", device="cpu").net
-        model = ResidualDiffusionInterpolator(GuidedSliceVAE(config.vae), UNet3D(config.unet), regression, config, args.device)
+        model = ResidualDiffusionInterpolator(GuidedSliceVAE(config.vae), ResidualUNet3D(config.unet), regression, config, args.device)
     thick = read_volume(SAMPLE)
     k0 = (thick.shape[0] - args.slices) // 2
     g = thick.geometry
