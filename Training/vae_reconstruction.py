@@ -1,6 +1,6 @@
 """VAE reconstruction quality of a checkpoint on whole slices of a CT volume.
 
-    python Training/vae_reconstruction.py --model default --volume ../shared/data/volumes/chest_ricord000082_1p25mm.nii.gz \
+    python Training/vae_reconstruction.py --model runs/default_vae/model --volume ../shared/data/volumes/chest_ricord000082_1p25mm.nii.gz \
         --slices 40 --json docs/quality/vae_reconstruction.json
 
 Every ``stride``-th slice of the middle ``slices`` slices is encoded (posterior mean, as the pipeline

@@ -15,7 +15,7 @@ has to pass through the 8x latent (Zhu et al. 2023's asymmetric decoder, conditi
 - **Size independent.** Normalisation is a LayerNorm over channels at each pixel (no batch or
   spatial statistics), so a crop and the whole slice give the same pixels away from the crop's
   borders: what the model learns on crops holds on whole slices. (GroupNorm's statistics span
-  the image, a measured defect of the shipped VAE.)
+  the image, a measured defect of the v1 VAE.)
 - **The base's latent.** The guide encoder's coarsest output, ``latent_channels`` channels at 1/8,
   is what the decoder starts from next to the latent; the residual diffusion U-Net is conditioned on
   it (``base_latent``).
