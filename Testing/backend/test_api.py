@@ -180,3 +180,37 @@ def test_the_help_names_the_shipped_models_and_the_method_that_ships_none(capsys
     text = " ".join(capsys.readouterr().out.split())
     assert "the shipped models that are installed: 'regression', 'residual_diffusion')" in text
     assert "diffusion ships none: give your trained model's folder" in text
+
+
+# --- a request's options are its method's: refused, never dropped -------------------------------
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "bspline", "steps": 20}, "bspline takes no steps: it applies to residual_diffusion, diffusion"),
+    ({"method": "regression", "samples": 4}, "regression takes no samples: it applies to residual_diffusion, diffusion"),
+    ({"method": "regression", "steps": 20, "samples": 4},
+     "regression takes no steps, samples: they apply to residual_diffusion, diffusion"),
+    ({"method": "regression", "seed": 0}, "regression takes no seed: it applies to residual_diffusion, diffusion"),
+    ({"method": "linear", "model": "regression"}, "linear takes no model: it applies to regression, residual_diffusion, diffusion"),
+])
+def test_a_request_refuses_options_its_method_does_not_take(fields, message):
+    with pytest.raises(InputError, match=f"^{message}$"):
+        InterpolationRequest(**fields)
+    params = InterpolationRequest(method=SERVER_DEFAULT, **{k: v for k, v in fields.items() if k != "method"}).to_params()
+    with pytest.raises(InputError, match=f"^{message}$"):  # a server's reading of the job, the method its default
+        InterpolationRequest.from_params(params, default_method=fields["method"])
+
+
+def test_options_left_unset_are_not_given_and_each_method_takes_its_own():
+    for name, entry in METHODS.items():
+        assert InterpolationRequest(method=name).method == name  # every option left at None
+        taken = {key: {"model": "m", "sampler": "ddim", "consistency": False}.get(key, 2)
+                 for key in api.OPTION_FIELDS if entry.takes(key)}
+        assert InterpolationRequest(method=name, **taken).method == name
+    assert InterpolationRequest(method="bspline", consistency=True).consistency  # every method offers it
+    assert InterpolationRequest(method=SERVER_DEFAULT, steps=4).steps == 4  # the server checks once it has chosen
+
+
+def test_options_shared_by_several_methods_go_to_those_that_take_them():
+    shared = {"model": None, "seed": 0, "steps": 4, "device": "cpu"}
+    assert api.shared_options("bspline", shared) == {"device": "cpu"}
+    assert api.shared_options("regression", shared) == {"model": None, "device": "cpu"}
+    assert api.shared_options("residual_diffusion", shared) == shared

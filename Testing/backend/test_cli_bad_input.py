@@ -205,7 +205,7 @@ def test_uncertainty_with_a_classical_method_is_refused_not_ignored(tmp_path, ca
     code = main(["interpolate", str(source), "-o", str(tmp_path / "out.nrrd"), "--method", "bspline",
                  "--samples", "2", "--uncertainty", str(tmp_path / "std.nrrd"), "--no-progress"])
     assert code != 0
-    assert "need a sampling method (diffusion or residual_diffusion), not bspline" in capsys.readouterr().err
+    assert "bspline takes no samples: it applies to residual_diffusion, diffusion" in capsys.readouterr().err
     assert not (tmp_path / "out.nrrd").exists() and not (tmp_path / "std.nrrd").exists()
 
 

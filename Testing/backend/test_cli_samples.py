@@ -42,8 +42,11 @@ def test_a_model_without_a_method_on_a_server_leaves_the_method_to_the_server(op
     (("--method", "residual_diffusion", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2 or more"),
     (("--method", "residual_diffusion", "--samples", "1", "--uncertainty", "std.nrrd"), "--uncertainty needs --samples 2"),
     (("--method", "diffusion", "--samples", "0"), "--samples must be at least 1"),
-    (("--method", "regression", "--samples", "1"), "need a sampling method (diffusion or residual_diffusion), not regression"),
-    (("--method", "regression", "--steps", "4"), "need a sampling method"),
+    (("--method", "regression", "--samples", "1"), "^regression takes no samples: it applies to residual_diffusion, diffusion$"),
+    (("--method", "regression", "--steps", "20"), "^regression takes no steps: it applies to residual_diffusion, diffusion$"),
+    (("--method", "bspline", "--steps", "4", "--sampler", "ddim"), "^bspline takes no steps, sampler: they apply to"),
+    (("--method", "regression", "--seed", "1", "--server", "http://127.0.0.1:1"), "^regression takes no seed"),  # before any upload
+    (("--method", "bspline", "--model", "regression"), "^bspline takes no model"),
 ])
 def test_sampling_options_a_request_cannot_honour_are_refused(options, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -88,3 +91,22 @@ def test_an_asked_for_uncertainty_that_does_not_come_back_is_an_error_not_a_miss
                      "residual_diffusion", "--samples", "2", "--uncertainty", str(tmp_path / "std.nrrd"), "--no-progress"])
     assert code != 0 and "has no uncertainty volume" in capsys.readouterr().err
     assert (tmp_path / "out.nrrd").is_file() and not (tmp_path / "std.nrrd").exists()
+
+
+@pytest.mark.parametrize("options", [("--samples", "2"), ("--steps", "4"), ("--sampler", "ddim")])
+def test_sampling_options_without_a_method_mean_latent_diffusion_v2_locally_and_on_a_server(options, monkeypatch):
+    """Not this install's default method (nor the server's): the same command is the same job anywhere."""
+    import ctsliceinterp.commands.interpolate as command
+
+    monkeypatch.setattr(command, "DEFAULT_METHOD", "diffusion")  # an install whose default samples
+    for server in ((), ("--server", "http://127.0.0.1:1")):
+        request = _request(*options, *server)
+        assert request.method == "residual_diffusion" and request.to_params()["method"] == "residual_diffusion"
+    assert _request("--server", "http://127.0.0.1:1").method == ""  # no option: the server's default
+
+
+def test_the_help_says_what_sampling_options_alone_mean(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["interpolate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--uncertainty mean --method residual_diffusion, locally and with --server alike" in text

@@ -48,6 +48,12 @@ class Method:
     def classical(self) -> bool:
         return self.pipeline is None
 
+    def takes(self, option: str) -> bool:
+        """Whether a request for this method may set ``option`` (one of ``OPTION_FIELDS``): those in
+        its ``options``; ``consistency`` for every method (on by default for the learned ones, on
+        request for the classical ones); ``model`` for every learned one."""
+        return option in self.options or option == "consistency" or (option == "model" and not self.classical)
+
 
 REGRESSION_METHOD = "regression"
 REGRESSION_MODEL = "regression"  # the network shipped in ctsliceinterp/models/weights/regression
@@ -111,11 +117,16 @@ def get_method(name: str) -> Method:
     return method
 
 
+def model_folder(model: str) -> Path:
+    """Where a model's files are: the checkpoint folder it names, else the shipped model's."""
+    path = Path(model).expanduser()
+    return path if path.is_dir() else WEIGHTS_DIR / str(model)
+
+
 def model_method(model: str) -> str:
     """The learned method a model belongs to: a shipped model's name or a checkpoint folder,
     recognised by its method's ``checkpoint_file`` (no torch)."""
-    path = Path(model).expanduser()
-    folder = path if path.is_dir() else WEIGHTS_DIR / str(model)
+    folder = model_folder(model)
     for method in METHODS.values():
         if method.checkpoint_file and (folder / method.checkpoint_file).is_file():
             return method.name
@@ -159,6 +170,8 @@ DEFAULT_METHOD = default_method()
 # --- the request -----------------------------------------------------------------------------
 # Fields a job's parameters may carry (device and extra are the runner's business, never sent).
 PARAM_FIELDS = ("method", "spacing", "target", "model", "steps", "sampler", "samples", "consistency", "seed")
+# The fields a method may or may not take (``Method.takes``); None means not given.
+OPTION_FIELDS = ("model", "steps", "sampler", "samples", "consistency", "seed")
 MAX_STEPS = 1000
 MAX_SAMPLES = 16
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
@@ -186,6 +199,16 @@ class InterpolationRequest:
     seed: Optional[int] = None
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # keyword options for the model's load (compile=True)
+
+    def __post_init__(self) -> None:
+        # The one check that a request's options are its method's: every way in (Python, the
+        # command line, a server's from_params, the Slicer Lib) builds one, so none drops an option.
+        method = METHODS.get(self.method) if isinstance(self.method, str) else None
+        if method is None:  # SERVER_DEFAULT: the server checks once it has chosen; unknown: interpolate says so
+            return
+        refused = [key for key in OPTION_FIELDS if getattr(self, key) is not None and not method.takes(key)]
+        if refused:
+            raise InputError(_not_taken(method, refused))
 
     def to_params(self) -> dict[str, Any]:
         """The job parameters a server reads back with ``from_params`` (JSON-ready)."""
@@ -235,6 +258,23 @@ class InterpolationRequest:
             seed=_integer(params, "seed", 0, 2**63 - 1),
             device=device,
         )
+
+
+def _not_taken(method: Method, refused: list[str]) -> str:
+    """``regression takes no steps, samples: they apply to residual_diffusion, diffusion`` (the
+    methods that take all of them, those with a shipped model first)."""
+    takers = sorted((m for m in METHODS.values() if all(m.takes(key) for key in refused)),
+                    key=lambda m: m.default_model is None)
+    where = f"{'they apply' if len(refused) > 1 else 'it applies'} to {', '.join(m.name for m in takers)}" if takers \
+        else "no method takes them together"
+    return f"{method.name} takes no {', '.join(refused)}: {where}"
+
+
+def shared_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Of request fields meant for several methods at once (evaluate's ``--model``, ``--seed``),
+    those ``method`` takes; the other fields pass unchanged."""
+    entry = get_method(method)
+    return {key: value for key, value in options.items() if key not in OPTION_FIELDS or entry.takes(key)}
 
 
 def _integer(params: dict, key: str, low: int, high: int) -> Optional[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..api import DEFAULT_METHOD, METHODS, RESIDUAL_DIFFUSION_METHOD, SERVER_DEFAULT, available_methods, get_method
+from ..api import DEFAULT_METHOD, METHODS, RESIDUAL_DIFFUSION_METHOD, SERVER_DEFAULT, available_methods
 from ..core.grid import DEFAULT_SPACING_MM
 from .common import TqdmProgress, add_input_arguments, method_of_model
 
@@ -18,7 +18,10 @@ def configure_parser(parser) -> None:
     grid.add_argument("--like", metavar="REF", help="put the output on the slice positions of this reference volume")
     parser.add_argument("--like-series", choices=["thick", "thin"], help="series of a case ZIP/folder given to --like")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
-    model = parser.add_argument_group("model options (learned methods; the sampling ones are the diffusion methods')")
+    model = parser.add_argument_group(
+        "model options (learned methods; the sampling ones are the diffusion methods')",
+        "A method refuses an option it does not take. Without --method or --model, --steps, --sampler, --samples "
+        f"and --uncertainty mean --method {RESIDUAL_DIFFUSION_METHOD}, locally and with --server alike.")
     unshipped = ", ".join(name for name, entry in METHODS.items() if not entry.classical and not entry.default_model)
     model.add_argument("--model", help="model name or checkpoint folder (default: the method's shipped model; "
                                         f"{unshipped} ships none: give your trained model's folder); "
@@ -53,22 +56,20 @@ def build_request(args, reference_geometry=None):
     if args.samples is not None and args.samples < 1:
         raise InputError("--samples must be at least 1")
     # Without --method: a --model names its own method (on a server the method is not sent: the
-    # server knows which method each of its models has, and checks the options against it),
-    # sampling options mean the default method when it samples, else latent diffusion v2 (the
-    # diffusion method with a shipped model; its loader says so when its weights are absent), and
-    # on a server its own default applies.
+    # server knows which method each of its models has, and checks the options against it);
+    # sampling options mean latent diffusion v2, the sampling method with a shipped model (its
+    # loader says so when its weights are absent), whatever this install's or the server's default
+    # (so a command means the same job locally and remotely); else the default, a server's own.
+    # The request itself refuses the options its method does not take (InterpolationRequest).
     sampling = args.steps or args.sampler or args.samples is not None or args.uncertainty
     if args.method:
         method = args.method
     elif args.model:
         method = SERVER_DEFAULT if args.server else method_of_model(args.model)
     elif sampling:
-        method = DEFAULT_METHOD if "samples" in get_method(DEFAULT_METHOD).options else RESIDUAL_DIFFUSION_METHOD
+        method = RESIDUAL_DIFFUSION_METHOD
     else:
         method = SERVER_DEFAULT if args.server else DEFAULT_METHOD
-    if method != SERVER_DEFAULT and "samples" not in get_method(method).options and sampling:
-        takers = " or ".join(name for name, entry in METHODS.items() if "samples" in entry.options)
-        raise InputError(f"--steps, --sampler, --samples and --uncertainty need a sampling method ({takers}), not {method}")
     if args.uncertainty and (args.samples or 0) < 2:
         raise InputError("--uncertainty needs --samples 2 or more")
     return InterpolationRequest(

@@ -31,7 +31,7 @@ from . import metrics
 from ..core.acquisition import consistency_mae, simulate_thick
 from ..core.errors import InputError
 from ..io.atomic import atomic_file
-from ..api import InterpolationRequest, interpolate
+from ..api import InterpolationRequest, interpolate, shared_options
 from ..core.volume import Volume
 
 POSITION_TOLERANCE_MM = 1e-3
@@ -193,7 +193,8 @@ def evaluate_methods(
 ) -> Evaluation:
     """Run each method on ``case.thick`` onto the reference's slice positions and score it.
 
-    ``options``: extra ``InterpolationRequest`` fields (model, steps, sampler, device, seed...).
+    ``options``: extra ``InterpolationRequest`` fields (model, steps, sampler, device, seed...),
+    shared by the methods: each gets those it takes (a label's own ``:samples=N`` is checked).
     ``interpolator``: an already-loaded diffusion model, so that evaluating many cases loads it
     once (and its time is the interpolation only)."""
     evaluation = Evaluation(case)
@@ -201,7 +202,7 @@ def evaluate_methods(
         evaluation.reference_consistency_mae_hu = consistency_mae(case.thick, case.reference, case.thickness)
     for method in methods:
         name, variant = parse_method_label(method)
-        request = InterpolationRequest(method=name, target=case.reference.geometry, **{**dict(options or {}), **variant})
+        request = InterpolationRequest(method=name, target=case.reference.geometry, **{**shared_options(name, dict(options or {})), **variant})
         result = interpolate(case.thick, request, progress=progress, interpolator=interpolator)
         output = result.volume
         if output.shape != case.reference.shape or not np.allclose(
