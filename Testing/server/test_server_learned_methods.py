@@ -133,13 +133,13 @@ def test_a_model_named_without_a_method_runs_its_own_method_on_the_server(start_
     local = interpolate(thick, InterpolationRequest(method="residual_diffusion", model=str(folder), spacing=1.0, device="cpu"))
     assert_same_volume(read_volume(tmp_path / "out.nrrd"), local.volume)
     client = Client(server.url)
-    with pytest.raises(InputRejected, match="model 'regression' is a regression model, which takes no samples"):
+    with pytest.raises(InputRejected, match="regression takes no samples: it applies to residual_diffusion, diffusion"):
         client.submit(thick, {"model": "regression", "samples": 2})
     with pytest.raises(InputRejected, match="this server serves no model 'nope'; it serves regression, rd_tiny"):
         client.submit(thick, {"model": "nope"})
     code = main(["interpolate", str(tmp_path / "thick.nrrd"), "-o", str(tmp_path / "bad.nrrd"), "--server", server.url,
                  "--model", "regression", "--steps", "4", "--no-progress"])
-    assert code != 0 and "is a regression model, which takes no steps" in capsys.readouterr().err
+    assert code != 0 and "regression takes no steps: it applies to residual_diffusion" in capsys.readouterr().err
     assert not (tmp_path / "bad.nrrd").exists()
 
 
@@ -149,16 +149,79 @@ def test_a_server_without_a_residual_model_names_it(start_server):
         Client(server.url).submit(_thick(), {"method": "residual_diffusion"})
 
 
-@pytest.mark.parametrize("samples, voxels, volumes", [(None, 1, 1), (1, 1, 1), (3, 3, 2)])
-def test_a_job_without_samples_counts_as_one_output_volume(samples, voxels, volumes):
+def _residual_marker(folder, inference):
+    """A residual_diffusion folder holding only its config (what the registry reads; no torch)."""
+    import json
+
+    folder.mkdir()
+    (folder / "residual_diffusion.json").write_text(json.dumps({"config": {"inference": inference}}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("estimator, samples, voxels, volumes", [
+    ("x0_head", None, 1, 1), ("x0_head", 1, 1, 1), ("x0_head", 3, 3, 2),
+    # A model whose default output is the mean of its mean_samples samples returns their spread too.
+    ("samples", None, 3, 2), ("samples", 1, 1, 1),
+])
+def test_a_job_counts_the_samples_and_volumes_its_model_will_return(tmp_path, estimator, samples, voxels, volumes):
     from ctsliceinterp.core.grid import thin_grid
     from ctsliceinterp.serving.server.intake import VolumeTooLarge, _check_output_size
     from ctsliceinterp.serving.server.jobs import Job
 
+    registry = ModelRegistry([_residual_marker(tmp_path / "rd", {"mean_estimator": estimator, "mean_samples": 3})])
+    request = InterpolationRequest(method="residual_diffusion", samples=samples)
+    request.model = registry.check("residual_diffusion", None)
+    runs = registry.samples(request)
     target = thin_grid(_thick().geometry, 1.0)
-    job = Job("id", InterpolationRequest(method="residual_diffusion", samples=samples), None, target)
+    job = Job("id", request, None, target, samples=runs)
     size = int(np.prod(target.shape))
-    assert job.output_voxels == voxels * size and job.result_bytes == volumes * 4 * size
-    _check_output_size(target.shape, samples, voxels * size)  # at the limit: accepted
+    assert runs == voxels and job.output_voxels == voxels * size and job.result_bytes == volumes * 4 * size
+    _check_output_size(target.shape, runs, voxels * size)  # at the limit: accepted
     with pytest.raises(VolumeTooLarge):
-        _check_output_size(target.shape, samples, voxels * size - 1)
+        _check_output_size(target.shape, runs, voxels * size - 1)
+
+
+def test_the_default_samples_come_from_each_models_config(tmp_path):
+    from ctsliceinterp.api import MAX_SAMPLES
+    from ctsliceinterp.serving.server.models import default_samples
+
+    assert default_samples(_residual_marker(tmp_path / "a", {"mean_estimator": "samples", "mean_samples": 5}),
+                           "residual_diffusion") == 5
+    assert default_samples(_residual_marker(tmp_path / "b", {"mean_estimator": "samples"}),
+                           "residual_diffusion") == MAX_SAMPLES  # not said: the most a job may run
+    assert default_samples(_residual_marker(tmp_path / "c", {}), "residual_diffusion") == 1  # the x0 head
+    assert default_samples("residual_diffusion", "residual_diffusion") == 1  # the shipped model: the x0 head
+    assert default_samples("regression", "regression") == 1
+
+
+def test_a_server_counts_a_default_job_of_a_sampling_mean_model_as_mean_and_spread(start_server, tmp_path, monkeypatch):
+    """The held-results limit counts what the job will hold (the mean and the spread: 2 volumes)
+    and refuses it before it is queued; one sample (1 volume) still fits. It used to count both as one."""
+    from ctsliceinterp.core.grid import thin_grid
+    from ctsliceinterp.serving.client import ServerBusy
+
+    monkeypatch.setattr(ModelRegistry, "preload", lambda self: None)  # the folder holds a config, no weights
+    folder = _residual_marker(tmp_path / "rd_mean", {"mean_estimator": "samples", "mean_samples": 2})
+    thick = _thick()
+    one_volume = int(np.prod(thin_grid(thick.geometry, 1.0).shape)) * 4
+    server = start_server(models=[folder], device="cpu", max_held_result_bytes=2 * one_volume)
+    client = Client(server.url)
+    client.submit(thick, {"method": "bspline", "spacing": 1.0})  # holds one volume until downloaded
+    with pytest.raises(ServerBusy, match="this job's"):
+        client.submit(thick, {"method": "residual_diffusion", "spacing": 1.0})
+    assert server.manager.counts()["held"] == 1
+    client.submit(thick, {"method": "residual_diffusion", "spacing": 1.0, "samples": 1})
+    assert server.manager.counts()["held"] == 2
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"method": "bspline", "steps": 20}, "bspline takes no steps: it applies to residual_diffusion, diffusion"),
+    ({"method": "regression", "samples": 4, "steps": 8},
+     "regression takes no steps, samples: they apply to residual_diffusion, diffusion"),
+    ({"samples": 4}, "bspline takes no samples"),  # no method: this server's default, B-spline, is checked
+])
+def test_a_job_with_options_its_method_does_not_take_is_a_400_before_it_is_queued(start_server, params, message):
+    server = start_server()
+    with pytest.raises(InputRejected, match=f": {message}") as refused:
+        Client(server.url).submit(_thick(), {"spacing": 1.0, **params})
+    assert refused.value.status == 400 and server.manager.counts()["held"] == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -27,7 +26,6 @@ from .state import ServerState
 from .upload import UploadPace, UploadStalled, UploadTooLarge, content_length, read_body, split_multipart
 
 PARAMS_HEADER = "x-ctsliceinterp-params"
-SAMPLING_FIELDS = ("steps", "sampler", "samples")  # what the command line refuses for a method that does not sample
 NRRD_TYPES = ("application/x-nrrd", "application/octet-stream", "application/nrrd")
 
 
@@ -40,6 +38,7 @@ class Intake:
     volume: Volume
     request: InterpolationRequest
     target: Geometry
+    samples: int  # what the job runs: the request's, or its model's default (``ModelRegistry.samples``)
 
 
 async def receive_job(request: Request, state: ServerState) -> Intake:
@@ -64,15 +63,15 @@ async def receive_job(request: Request, state: ServerState) -> Intake:
         try:
             data, params_text = _split(body, content_type, multipart, request)
             del body
-            job_request = _job_request(params_text, state)
+            job_request, samples = _job_request(params_text, state)
             volume = await run_in_threadpool(_parse_volume, data, state)
             del data
-            target = _target(volume, job_request, config.max_output_voxels)
+            target = _target(volume, job_request, samples, config.max_output_voxels)
         except VolumeTooLarge as exc:
             raise ApiError(413, str(exc)) from None
         except CTSliceInterpError as exc:
             raise ApiError(400, str(exc)) from None
-    return Intake(volume, job_request, target)
+    return Intake(volume, job_request, target, samples)
 
 
 async def _read(request: Request, state: ServerState) -> bytearray:
@@ -98,7 +97,9 @@ def _split(body, content_type: str, multipart: bool, request: Request):
     return parts["volume"], parts.get("params")
 
 
-def _job_request(params_text, state: ServerState) -> InterpolationRequest:
+def _job_request(params_text, state: ServerState) -> tuple[InterpolationRequest, int]:
+    """The checked request (its options are its method's: ``InterpolationRequest``) and the
+    samples it runs."""
     params = parse_params(params_text)
     # A model named without a method runs its own method (a client cannot know a served folder's).
     by_model = not params.get("method") and isinstance(params.get("model"), str)
@@ -107,16 +108,12 @@ def _job_request(params_text, state: ServerState) -> InterpolationRequest:
     else:
         default_method = state.registry.default_method() or CLASSICAL_FALLBACK
     job_request = InterpolationRequest.from_params(params, state.registry.device, default_method)
-    if by_model:
-        options = get_method(job_request.method).options
-        refused = [key for key in SAMPLING_FIELDS if params.get(key) is not None and key not in options]
-        if refused:
-            raise InputError(f"model {job_request.model!r} is a {job_request.method} model, which takes no {', '.join(refused)}")
-    if job_request.target is not None:  # before the grid is built: its size alone may be refused
-        _check_output_size(job_request.target.shape, job_request.samples, state.config.max_output_voxels)
     if not get_method(job_request.method).classical:
         job_request.model = state.registry.check(job_request.method, job_request.model)
-    return job_request
+    samples = state.registry.samples(job_request)
+    if job_request.target is not None:  # before the grid is built: its size alone may be refused
+        _check_output_size(job_request.target.shape, samples, state.config.max_output_voxels)
+    return job_request, samples
 
 
 def _parse_volume(data, state: ServerState) -> Volume:
@@ -133,14 +130,14 @@ def _parse_volume(data, state: ServerState) -> Volume:
     return volume
 
 
-def _target(volume: Volume, job_request: InterpolationRequest, max_output_voxels: int) -> Geometry:
+def _target(volume: Volume, job_request: InterpolationRequest, samples: int, max_output_voxels: int) -> Geometry:
     target = target_geometry(volume, job_request)  # a target outside the input is refused there (core.grid)
-    _check_output_size(target.shape, job_request.samples, max_output_voxels)
+    _check_output_size(target.shape, samples, max_output_voxels)
     return target
 
 
-def _check_output_size(shape, samples: Optional[int], limit: int) -> None:
-    voxels = shape[0] * shape[1] * shape[2] * (samples or 1)  # None: the method's default, one output volume
+def _check_output_size(shape, samples: int, limit: int) -> None:
+    voxels = shape[0] * shape[1] * shape[2] * samples  # the samples the job runs (ModelRegistry.samples)
     if voxels > limit:
         raise VolumeTooLarge(f"the result would have {voxels} voxels, more than this server's limit of {limit}")
 

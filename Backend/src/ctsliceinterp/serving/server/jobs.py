@@ -59,17 +59,20 @@ class Job:
     delete_at: Optional[float] = None  # set once every part was sent (the download grace)
     cancel: threading.Event = field(default_factory=threading.Event)
     watchers: list = field(default_factory=list)  # callables, called on any state or progress change
+    # The samples it runs: the request's, or for none its model's default (ModelRegistry.samples).
+    samples: int = 1
 
     @property
     def output_voxels(self) -> int:
         nz, ny, nx = self.target.shape
-        return nz * ny * nx * max(1, self.request.samples or 1)  # None: the method's default output
+        return nz * ny * nx * max(1, self.samples)
 
     @property
     def result_bytes(self) -> int:
-        """Memory its result takes: float32 thin volume, plus the uncertainty when samples > 1."""
+        """Memory its result takes: float32 thin volume, plus the uncertainty (the spread) when
+        it runs more than one sample."""
         nz, ny, nx = self.target.shape
-        return nz * ny * nx * 4 * (2 if (self.request.samples or 1) > 1 else 1)
+        return nz * ny * nx * 4 * (2 if self.samples > 1 else 1)
 
     @property
     def cost_key(self) -> str:
@@ -114,12 +117,13 @@ class JobManager:
             self._queue.clear()
 
     # --- client operations (called from the event loop; all quick) ------------------------
-    def submit(self, volume: Volume, request: InterpolationRequest, target: Geometry) -> Job:
+    def submit(self, volume: Volume, request: InterpolationRequest, target: Geometry, samples: int = 1) -> Job:
+        """``samples``: what the job runs (``ModelRegistry.samples``), for its memory and ETA."""
         with self._lock:
             self._purge_expired()
             if len(self._queue) >= self.config.queue_size:
                 raise QueueFull(self._retry_after())
-            job = Job(new_job_id(), request, volume, target)
+            job = Job(new_job_id(), request, volume, target, samples=samples)
             held = self._held_result_bytes()
             if held and held + job.result_bytes > self.config.max_held_result_bytes:
                 raise QueueFull(self._retry_after(), (

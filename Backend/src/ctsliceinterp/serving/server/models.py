@@ -11,12 +11,14 @@ serves the classical methods; requests for that method get a clear 4xx instead.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, METHODS, get_method, load_model, model_method
+from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, MAX_SAMPLES, METHODS, InterpolationRequest, get_method, load_model, \
+    model_folder, model_method
 from ...core.errors import InputError
 
 log = logging.getLogger("ctsliceinterp.serving.server")
@@ -25,6 +27,21 @@ def model_name(spec: str) -> str:
     """A checkpoint folder is known by its folder name; a plain name by itself."""
     path = Path(spec).expanduser()
     return path.name if (path.exists() or "/" in spec or "\\" in spec) else spec
+
+
+def default_samples(spec: str, method: str) -> int:
+    """The samples a request without ``samples`` runs on this model, read from its checkpoint's
+    config (JSON, no torch): a model whose ``inference.mean_estimator`` is "samples" (latent
+    diffusion v2 trained so) averages ``inference.mean_samples`` of them and returns their spread
+    too; the others (the x0 head, v1's one sample, regression) run one."""
+    checkpoint = METHODS[method].checkpoint_file
+    try:
+        inference = json.loads((model_folder(spec) / checkpoint).read_text())["config"]["inference"]
+        if inference.get("mean_estimator") != "samples":
+            return 1
+        return max(1, int(inference.get("mean_samples", MAX_SAMPLES)))  # not said: count the most a job may run
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return 1  # no readable config: the model will not load either, so the job never holds a result
 
 
 def pipeline_available(method: str) -> bool:
@@ -40,6 +57,7 @@ class ModelRegistry:
         if len(self.specs) != len(specs):
             raise InputError("two --model arguments have the same name; give checkpoint folders distinct names")
         self.methods = {name: model_method(spec) for name, spec in self.specs.items()}
+        self._default_samples = {name: default_samples(self.specs[name], method) for name, method in self.methods.items()}
         self.requested_device = device
         self._device: Optional[str] = None
         self._loaded: dict[str, Any] = {}
@@ -82,6 +100,13 @@ class ModelRegistry:
             served = ", ".join(self.methods) or "none (it was started without --model)"
             raise InputError(f"this server serves no model {name[:80]!r}; it serves {served}")
         return method
+
+    def samples(self, request: InterpolationRequest) -> int:
+        """The samples a checked request (its ``model`` resolved by ``check``) runs: its own, else
+        its model's default output's, which the server's size and memory limits count."""
+        if request.samples is not None:
+            return request.samples
+        return self._default_samples.get(request.model, 1) if request.model else 1
 
     # --- lookup and loading ---------------------------------------------------------------
     def check(self, method: str, name: Optional[str]) -> str:

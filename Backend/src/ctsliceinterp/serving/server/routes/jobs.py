@@ -44,7 +44,7 @@ async def submit(request: Request, state: ServerState = Depends(server_state)):
         log.info("client disconnected during an upload; nothing was kept")
         return Response(status_code=400)  # nobody is listening
     try:
-        job = state.manager.submit(intake.volume, intake.request, intake.target)
+        job = state.manager.submit(intake.volume, intake.request, intake.target, intake.samples)
     except QueueFull as exc:
         raise ApiError(503, f"{exc}; retry later", {"Retry-After": str(exc.retry_after)}) from None
     return JSONResponse(
