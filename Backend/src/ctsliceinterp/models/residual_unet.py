@@ -98,18 +98,28 @@ class ResidualUNet3D(UNet3D):
 
     def load_latent_only_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Start from a trained latents-only U-Net (``image_inputs = 0``, same sizes otherwise): its
-        weights, and the image features enter at zero, so this U-Net computes what it computed."""
+        weights, and the image features enter at zero, so this U-Net computes what it computed.
+        A U-Net of another size is a one-line ``ValueError`` and leaves this one unchanged: every
+        name and shape is checked before anything is copied (``load_state_dict`` would copy the
+        matching tensors, then raise)."""
         state = dict(state)
-        key = "conv_in.0.weight" if "conv_in.0.weight" in state else "conv_in.weight"
-        old = state[key]
-        new = torch.zeros_like(self.state_dict()[key])
+        own = self.state_dict()
+        key = "conv_in.0.weight" if "conv_in.0.weight" in own else "conv_in.weight"
+        old = state.get(key)
         head = self.config.latent_channels + self.config.condition_channels
-        if old.shape[1] != head + self.config.position_channels or new.shape[0] != old.shape[0]:
-            raise ValueError(f"the U-Net to start from has {old.shape[1]} input channels; a latents-only one of "
-                             f"this size has {head + self.config.position_channels}")
+        if old is None or old.shape[1] != head + self.config.position_channels or old.shape[0] != own[key].shape[0]:
+            found = "no input convolution" if old is None else f"an input convolution of shape {tuple(old.shape)}"
+            raise ValueError(f"the U-Net to start from has {found}; a latents-only one of this size has "
+                             f"{own[key].shape[0]} filters over {head + self.config.position_channels} channels")
+        new = torch.zeros_like(own[key])
         new[:, :head] = old[:, :head]
         new[:, new.shape[1] - self.config.position_channels:] = old[:, head:]
         state[key] = new
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or any(not name.startswith("image_encoder.") for name in missing):
-            raise ValueError(f"the U-Net to start from differs: missing {missing}, unexpected {unexpected}")
+        missing = [name for name in own if name not in state and not name.startswith("image_encoder.")]
+        unexpected = [name for name in state if name not in own]
+        reshaped = [name for name in state if name in own and state[name].shape != own[name].shape]
+        if missing or unexpected or reshaped:
+            problems = [f"{len(names)} {what} (first {names[0]})" for names, what in
+                        ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if names]
+            raise ValueError(f"the U-Net to start from is not a latents-only one of this size: tensors {', '.join(problems)}")
+        self.load_state_dict(state, strict=False)
