@@ -147,3 +147,21 @@ def test_method_labels_carry_per_entry_options():
     for bad in ("diffusion:seed=1", "diffusion:samples=", "diffusion:samples=-1"):
         with pytest.raises(InputError, match="expected :samples=N"):
             parse_method_label(bad)
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--model", "runs/regression/model"), "--model applies to regression, diffusion, residual_diffusion, none of which"),
+    (("--methods", "bspline,regression", "--steps", "8"), "--steps applies to diffusion, residual_diffusion, none of which"),
+    (("--methods", "linear", "--sampler", "ddim"), "--sampler applies to diffusion, residual_diffusion, none of which"),
+])
+def test_cli_refuses_an_option_none_of_the_methods_takes(tmp_path, capsys, options, message):
+    """Refused, not ignored: a --model beside classical methods only used to score them alone, with exit 0."""
+    from ctsliceinterp.io import write_volume
+
+    thin_path = tmp_path / "thin.nii.gz"
+    write_volume(ramp_volume(n=48), thin_path)
+    json_path = tmp_path / "scores.json"
+    code = cli.main(["evaluate", "--thin", str(thin_path), "--thickness", "5", *options, "--json", str(json_path), "--no-progress"])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "\n" not in error.strip()
+    assert not json_path.exists()

@@ -40,9 +40,9 @@ def configure_parser(parser) -> None:
 
 
 def request_options(args, methods: list[str]) -> dict:
-    """Request fields shared by the methods: ``--model`` is the one learned method's model, the
-    sampling options are diffusion's."""
-    from ..api import get_method
+    """Request fields shared by the methods, each of which gets those it takes
+    (``api.shared_options``): ``--model`` is the one learned method's model."""
+    from ..api import METHODS, get_method
     from ..core.errors import InputError
     from ..evaluation.evaluate import parse_method_label
 
@@ -51,10 +51,14 @@ def request_options(args, methods: list[str]) -> dict:
     if args.model and len(learned) > 1:
         raise InputError(f"--model names one model, but {' and '.join(learned)} are both learned methods: "
                          "evaluate them in separate runs")
-    options = {"device": args.device, "seed": args.seed, "model": args.model}
-    if any("steps" in get_method(name).options for name in names):
-        options.update(steps=args.steps, sampler=args.sampler)
-    return options
+    # An option none of the methods takes is refused, not ignored (each method gets those it takes:
+    # api.shared_options). --seed has a default, so it is never "given".
+    for option in ("model", "steps", "sampler"):
+        if getattr(args, option) is not None and not any(get_method(name).takes(option) for name in names):
+            takers = [name for name, entry in METHODS.items() if entry.takes(option)]
+            raise InputError(f"--{option} applies to {', '.join(takers)}, none of which is in --methods "
+                             f"({', '.join(sorted(names))})")
+    return {"device": args.device, "seed": args.seed, "model": args.model, "steps": args.steps, "sampler": args.sampler}
 
 
 def main(args) -> int:
