@@ -201,8 +201,10 @@ class InterpolationRequest:
     extra: dict[str, Any] = field(default_factory=dict)  # keyword options for the model's load (compile=True)
 
     def __post_init__(self) -> None:
-        # The one check that a request's options are its method's: every way in (Python, the
-        # command line, a server's from_params, the Slicer Lib) builds one, so none drops an option.
+        # The one check that a request's options are its method's: the Python API, the command
+        # line and a server's from_params all build one, so none of them drops an option. (The
+        # Slicer Lib's job_request sends only those its menu choice takes: the widget keeps the
+        # values of the boxes it disables.)
         method = METHODS.get(self.method) if isinstance(self.method, str) else None
         if method is None:  # SERVER_DEFAULT: the server checks once it has chosen; unknown: interpolate says so
             return
