@@ -13,7 +13,7 @@ takes them, with the pipeline's own functions (``ResidualDiffusionInterpolator.c
 ``init_unet: FOLDER`` starts the U-Net from a trained model folder's (a latents-only U-Net's weights
 start one that also takes images: the image features enter at zero). The loss is ``diffusion_loss.diffusion_loss``: the
 min-SNR-weighted v (or eps) MSE on the cosine 1000-step DDPM schedule, masked on padded slices,
-plus ``loss.mean_head`` times the x0 head's unweighted MSE (``posterior_mean_latent``: the
+plus ``loss.mean_head`` times the x0 head's unweighted MSE (``ResidualUNet3D.posterior_mean``: the
 one-pass posterior mean the default output uses).
 
 Every epoch: the validation loss (fixed items and noise), then the monitor runs the sampler on fixed
@@ -107,13 +107,17 @@ class ResidualDiffusionTask:
         if not path.is_file():
             raise TrainingError(f"init_unet: no {UNET_FILE} in {folder}")
         state = load_file(str(path))
+        own = self.model.state_dict()
         try:
             if self.model.image_encoder is not None and not any(k.startswith("image_encoder.") for k in state):
                 self.model.load_latent_only_weights(state)
+            elif set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+                raise ValueError(f"its U-Net is not of this config's size ({len(state)} tensors, this one {len(own)}; "
+                                 "model= must name the config it was trained with, or latents_only -> default)")
             else:
                 self.model.load_state_dict(state)
-        except (RuntimeError, ValueError) as exc:
-            raise TrainingError(f"init_unet {folder}: {str(exc).splitlines()[0]}") from None
+        except ValueError as exc:
+            raise TrainingError(f"init_unet {folder}: {exc}") from None
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.enable_gradient_checkpointing(True)
@@ -130,20 +134,24 @@ class ResidualDiffusionTask:
         return torch.cat(targets), torch.cat(conditions)
 
     def loss(self, model, batch: dict, device, generator=None):
-        from ctsliceinterp.pipelines.residual_diffusion import posterior_mean_latent
         from diffusion_loss import diffusion_loss
 
         target, condition = (batch["target"], batch["condition"]) if "target" in batch else self.latents(batch)
         target, condition = target.to(device), condition.to(device)
         positions, mask = batch["positions"].to(device), batch["mask"].to(device)
-        loss = diffusion_loss(model, target, condition, positions, self.scheduler, self.model_config.diffusion,
-                              depth_mask=mask, generator=generator)
+        steps = self.model_config.diffusion.num_train_timesteps
+        heads = {}
+
+        def predict(noisy, t, condition, positions):  # the x0 head from the same forward (one image encoding)
+            prediction, heads["mean"] = model(noisy, t, condition, positions, num_train_timesteps=steps)
+            return prediction
+
+        loss = diffusion_loss(predict if self.mean_head_weight else model, target, condition, positions, self.scheduler,
+                              self.model_config.diffusion, depth_mask=mask, generator=generator)
         if not self.mean_head_weight:
             return loss, {}
         # The x0 head (the default output): unweighted MSE of the one-pass posterior mean, masked.
-        mean = posterior_mean_latent(model, condition, positions, self.model_config.diffusion.num_train_timesteps,
-                                     target.shape[1])
-        error = (mean.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # (B, D), averaged as diffusion_loss does
+        error = (heads["mean"].float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # (B, D), averaged as diffusion_loss does
         mean_loss = ((error * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
         return loss + self.mean_head_weight * mean_loss, {"diffusion_loss": loss.detach(), "mean_head_loss": mean_loss.detach()}
 

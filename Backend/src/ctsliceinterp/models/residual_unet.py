@@ -11,12 +11,14 @@ resolution:
   the regression estimate missed (issue 13: the x0 head tied with ``regression`` on them).
 
 ``encode_condition`` runs the image encoder once per volume at inference (it does not depend on the
-noise or the timestep); ``forward`` does it on every call, for training.
+noise or the timestep); ``forward`` does it on every call, for training, where it also gives the x0
+head (``posterior_mean``, the default output) from the same encoding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +95,26 @@ class ResidualUNet3D(UNet3D):
     def forward_encoded(self, noisy: torch.Tensor, timesteps, condition: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return super().forward(noisy, timesteps, condition, positions)
 
-    def forward(self, noisy: torch.Tensor, timesteps, condition: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.forward_encoded(noisy, timesteps, self.encode_condition(condition), positions)
+    def posterior_mean(self, condition: torch.Tensor, positions: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+        """The x0 head, from an encoded condition: minus the U-Net's v at the last timestep on a
+        zero latent, (B, C, D, h, w).
+
+        At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
+        removes; trained with an unweighted MSE against the encoder's latent (min-SNR weights vanish
+        at t = T), it is the posterior mean of the residual latent in one pass."""
+        shape = (condition.shape[0], self.config.latent_channels) + tuple(condition.shape[2:])
+        t = torch.full((condition.shape[0],), num_train_timesteps - 1, device=condition.device, dtype=torch.long)
+        return -self.forward_encoded(torch.zeros(shape, device=condition.device, dtype=condition.dtype), t, condition, positions)
+
+    def forward(self, noisy: torch.Tensor, timesteps, condition: torch.Tensor, positions: torch.Tensor,
+                num_train_timesteps: Optional[int] = None):
+        """The prediction from a raw condition; with ``num_train_timesteps``, ``(prediction,
+        posterior_mean)`` from one image encoding (training's two loss terms, one DDP forward)."""
+        encoded = self.encode_condition(condition)
+        prediction = self.forward_encoded(noisy, timesteps, encoded, positions)
+        if num_train_timesteps is None:
+            return prediction
+        return prediction, self.posterior_mean(encoded, positions, num_train_timesteps)
 
     def load_latent_only_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Start from a trained latents-only U-Net (``image_inputs = 0``, same sizes otherwise): its

@@ -15,7 +15,7 @@ In order (``ResidualDiffusionInterpolator.run``):
 5. the thick-slice consistency correction (``core.acquisition.consistency_correction``); nothing
    is clipped anywhere (HU in, HU out).
 
-Outputs: by default the **posterior mean**, by the x0 head (``posterior_mean_latent``: one U-Net
+Outputs: by default the **posterior mean**, by the x0 head (``ResidualUNet3D.posterior_mean``: one U-Net
 pass, no uncertainty) or, with ``inference.mean_estimator = "samples"``, the voxel-wise mean of
 ``inference.mean_samples`` samples; ``samples=1`` is **one realistic sample**; ``samples=N`` the
 mean of N samples with their per-voxel standard deviation as the uncertainty. An untrained U-Net
@@ -55,6 +55,7 @@ from .regression import RegressionInterpolator, network_inputs
 CONFIG_FILE = "residual_diffusion.json"
 UNET_FILE = "residual_unet.safetensors"
 REGRESSION_FOLDER = "regression"
+IMAGE_INPUTS = 3  # the base and the thick slices on either side (image_condition)
 
 
 MEAN_ESTIMATORS = ("x0_head", "samples")
@@ -64,7 +65,7 @@ MEAN_ESTIMATORS = ("x0_head", "samples")
 class ResidualInferenceConfig:
     sampler: str = "dpmpp"
     steps: int = 8
-    # The default output, the posterior mean: "x0_head" (one U-Net pass, ``posterior_mean_latent``)
+    # The default output, the posterior mean: "x0_head" (one U-Net pass, ``ResidualUNet3D.posterior_mean``)
     # or "samples" (the mean of ``mean_samples`` samples, with their standard deviation).
     mean_estimator: str = "x0_head"
     mean_samples: int = 4
@@ -89,6 +90,9 @@ class ResidualDiffusionConfig:
         if self.unet.condition_channels != 2 * self.vae.latent_channels:
             raise InputError("the U-Net's condition is the base latent and the thick latent: "
                              f"condition_channels must be {2 * self.vae.latent_channels}")
+        if self.unet.image_inputs not in (0, IMAGE_INPUTS) or self.unet.image_fold != self.vae.downsampling_factor:
+            raise InputError(f"the U-Net's image inputs are 0 or {IMAGE_INPUTS} images (image_condition), folded by the "
+                             f"VAE's factor {self.vae.downsampling_factor}: got {self.unet.image_inputs}, fold {self.unet.image_fold}")
         if self.inference.mean_estimator not in MEAN_ESTIMATORS:
             raise InputError(f"mean_estimator must be one of {', '.join(MEAN_ESTIMATORS)}, got {self.inference.mean_estimator!r}")
         if self.inference.mean_estimator == "x0_head" and self.diffusion.prediction_type != "v_prediction":
@@ -119,8 +123,9 @@ class ResidualDiffusionConfig:
 
 
 def named_config(name: str) -> ResidualDiffusionConfig:
-    """``tiny`` and ``tiny_images`` (tests), ``default`` (the size to train on a CPU first: with the
-    full-resolution image inputs) and ``latents_only`` (the same, conditioned on latents alone)."""
+    """``tiny`` and ``tiny_images`` (tests); ``latents_only`` (stage 2a on a CPU, the first shipped
+    U-Net, whose folder names its config "default") and ``default`` (the same with the
+    full-resolution image inputs, stage 2b, started from 2a)."""
     if name in ("tiny", "tiny_images"):
         return ResidualDiffusionConfig(
             name=name,
@@ -143,8 +148,6 @@ def named_config(name: str) -> ResidualDiffusionConfig:
     raise InputError(f"unknown residual diffusion config {name!r}; choose tiny, tiny_images, default or latents_only")
 
 
-IMAGE_INPUTS = 3  # the base and the thick slices on either side (image_condition)
-
 
 def image_condition(base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray, regression_config) -> np.ndarray:
     """(D, 3, H, W) network-unit images of the thin slices at thick indices ``x``: the base, and the
@@ -152,18 +155,6 @@ def image_condition(base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray, re
     input rule (``network_inputs``: the same units and clipping)."""
     two_neighbours = dataclasses.replace(regression_config, neighbours=2)
     return network_inputs(thick_hu, x, base_hu, 1.0, 1.0, two_neighbours)[:, :IMAGE_INPUTS]
-
-
-def posterior_mean_latent(unet, condition: torch.Tensor, positions: torch.Tensor,
-                          num_train_timesteps: int, latent_channels: int) -> torch.Tensor:
-    """The x0 head: minus the U-Net's v at the last timestep on a zero latent, (B, C, D, h, w).
-
-    ``unet`` is the U-Net or its ``forward_encoded`` with an encoded condition. At t = T the noisy latent carries no signal, so v = -x0 up to the noise, which a zero input
-    removes; trained with an unweighted MSE against the encoder's latent (min-SNR weights vanish at
-    t = T), it is the posterior mean of the residual latent in one pass."""
-    shape = (condition.shape[0], latent_channels) + tuple(condition.shape[2:])  # unet may be a DDP wrapper
-    t = torch.full((condition.shape[0],), num_train_timesteps - 1, device=condition.device, dtype=torch.long)
-    return -unet(torch.zeros(shape, device=condition.device, dtype=condition.dtype), t, condition, positions)
 
 
 # --- the model folder --------------------------------------------------------------------------
@@ -296,8 +287,8 @@ class ResidualDiffusionInterpolator:
         """The posterior mean of the scaled residual latent by the x0 head, in depth chunks."""
         steps = self.config.diffusion.num_train_timesteps
         channels = self.config.vae.latent_channels
-        return self._over_depth(lambda a, b: posterior_mean_latent(self.unet.forward_encoded, condition[:, :, a:b],
-                                                                   positions[:, :, a:b], steps, channels), condition)
+        return self._over_depth(lambda a, b: self.unet.posterior_mean(condition[:, :, a:b], positions[:, :, a:b], steps),
+                                condition)
 
     def decode(self, latents: torch.Tensor, base_hu: np.ndarray) -> np.ndarray:
         """Scaled residual latents (1, C, D, h, w) and the padded base (D, H, W) -> HU (D, H, W)."""
