@@ -33,6 +33,10 @@ from ctsliceinterp.pipelines.regression import RegressionInterpolator
 from regression_data import MAX_DRAWS, MIN_CROP_STD_HU, SeededDataset, _split, data_settings, load_thin_volumes
 
 CONTEXT_SLABS = 2  # thick slices beyond the run on each side (B-spline and the network see past it)
+# A run misses often (slabs along a row need as many slices as the crop is wide, and a run needs
+# thick slices past both ends) and a miss costs no network call, so draws are many: with MAX_DRAWS,
+# a fresh-run training found no run for one item and stopped at step 658.
+RUN_DRAWS = 8 * MAX_DRAWS
 RUN_DEFAULTS = {"depth": 16}
 
 
@@ -57,7 +61,7 @@ class ResidualRunDataset(SeededDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self.rng(index)
         item = None
-        for _ in range(MAX_DRAWS):
+        for _ in range(RUN_DRAWS):
             item = self._run(rng) or item
             if item is not None and float(item["truth"].std()) >= MIN_CROP_STD_HU:
                 break

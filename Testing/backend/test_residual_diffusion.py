@@ -365,3 +365,20 @@ def test_shipped_model_on_a_held_out_chest_crop_default_beats_bspline_and_one_sa
     assert gain > 1.0, gain
     assert 0 < sample_gap < 1.5, sample_gap  # a posterior draw is below the mean, not far below
     assert texture[1] < texture[0] < 1.3, texture  # the sample has the texture the mean smooths away
+
+
+def test_runs_are_drawn_until_one_fits_when_most_draws_miss(tmp_path):
+    """On a volume 26 px wide, slabs along a row never fit a run (28 rows or more needed): 3 draws
+    in 4 miss, and 8 draws per item left about one item in 10 without a run."""
+    from ctsliceinterp.io import write_volume
+    from residual_data import ResidualRunDataset
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "thin.nii.gz"
+    write_volume(Volume.from_array(rng.normal(0, 200, (60, 26, 26)).astype(np.float32), (0.8, 0.8, 1.0)), path)
+    data = {"crop": 24, "depth": 8, "in_plane_probability": 0.8, "thickness_mm": [3.0, 4.0],
+            "thin_volumes": {"train": [str(path)]}}
+    base = RegressionInterpolator(ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8))), "cpu")
+    runs = ResidualRunDataset(data, "train", base, seed=0, length=20, fixed=True)
+    for i in range(len(runs)):
+        assert runs[i]["truth"].shape == (8, 24, 24)
