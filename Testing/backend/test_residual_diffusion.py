@@ -382,3 +382,25 @@ def test_runs_are_drawn_until_one_fits_when_most_draws_miss(tmp_path):
     runs = ResidualRunDataset(data, "train", base, seed=0, length=20, fixed=True)
     for i in range(len(runs)):
         assert runs[i]["truth"].shape == (8, 24, 24)
+
+
+def test_residual_monitor_scores_a_model_folder_as_the_training_monitor(trained_folders, tmp_path):
+    import yaml
+
+    import residual_monitor
+
+    config = yaml.safe_load((REPO_ROOT / "Training" / "configs" / "residual_diffusion_images.yaml").read_text())
+    config["data"] = _run_data()
+    config["train"]["val_items"] = 2
+    config["monitor"] = {"items": 1, "samples": 2, "steps": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "report.json"
+    for model in ("diffusion", "images"):  # a latents-only U-Net and one with image inputs
+        assert residual_monitor.main(["--model", str(trained_folders / model / "model"), "--config",
+                                      str(tmp_path / "config.yaml"), "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert np.isfinite(report["monitor"]["val_x0_head_gain_over_regression_db"])
+        diagnostic = report["latent_diagnostic"]
+        assert diagnostic["runs"] == 2
+        # the oracle latent decodes closer to the truth than a zero latent
+        assert diagnostic["diagnostic_true_latent_gain_over_regression_db"] > diagnostic["diagnostic_zero_latent_gain_over_regression_db"]
