@@ -113,7 +113,7 @@ class ResidualDiffusionTask:
                 self.model.load_latent_only_weights(state)
             elif set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
                 raise ValueError(f"its U-Net is not of this config's size ({len(state)} tensors, this one {len(own)}; "
-                                 "model= must name the config it was trained with, or latents_only -> default)")
+                                 "model= must name the config it was trained with, or default -> images)")
             else:
                 self.model.load_state_dict(state)
         except ValueError as exc:

@@ -33,7 +33,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "phantom_head_thick_5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default", choices=["tiny", "tiny_images", "default", "latents_only"])
+    parser.add_argument("--config", default="default", choices=["tiny", "tiny_images", "default", "images"])
     parser.add_argument("--slices", type=int, default=8, help="thick slices (the phantom has 28)")
     parser.add_argument("--model", help="a trained model folder or shipped name (default: untrained --config networks)")
     parser.add_argument("--samples", type=int, help="default: the model's default output")

@@ -113,7 +113,7 @@ def test_image_unet_started_from_a_latents_only_one_computes_the_same_then_uses_
         other_images[:, TINY.unet.condition_channels :] += 1.0
         torch.nn.init.normal_(with_images.conv_in[0].weight, std=0.1)  # once trained, the features count
         assert not torch.allclose(with_images(noisy, t, condition, positions), with_images(noisy, t, other_images, positions))
-    wider = ResidualUNet3D(named_config("latents_only").unet)
+    wider = ResidualUNet3D(named_config("default").unet)
     with pytest.raises((ValueError, RuntimeError)):
         with_images.load_latent_only_weights(wider.state_dict())  # another size: refused, not half loaded
 

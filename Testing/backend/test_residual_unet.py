@@ -18,7 +18,7 @@ def _without(name: str) -> dict:
 
 
 @pytest.mark.parametrize("state", [
-    pytest.param(lambda: ResidualUNet3D(named_config("latents_only").unet).state_dict(), id="wider"),  # same conv_in
+    pytest.param(lambda: ResidualUNet3D(named_config("default").unet).state_dict(), id="wider"),  # same conv_in
     pytest.param(lambda: ResidualUNet3D(named_config("tiny_images").unet).state_dict(), id="takes-images"),
     pytest.param(lambda: _without("conv_out.weight"), id="a-tensor-missing"),
     pytest.param(lambda: _without("conv_in.0.weight"), id="no-input-convolution"),

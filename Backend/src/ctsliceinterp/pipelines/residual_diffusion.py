@@ -123,9 +123,9 @@ class ResidualDiffusionConfig:
 
 
 def named_config(name: str) -> ResidualDiffusionConfig:
-    """``tiny`` and ``tiny_images`` (tests); ``latents_only`` (stage 2a on a CPU, the first shipped
-    U-Net, whose folder names its config "default") and ``default`` (the same with the
-    full-resolution image inputs, stage 2b, started from 2a)."""
+    """``tiny`` and ``tiny_images`` (tests); ``default`` (the shipped model, trained on a CPU) and
+    ``images`` (the same with the full-resolution image inputs: stage 2b, started from ``default``'s
+    U-Net; measured no better, docs/quality.md)."""
     if name in ("tiny", "tiny_images"):
         return ResidualDiffusionConfig(
             name=name,
@@ -135,17 +135,17 @@ def named_config(name: str) -> ResidualDiffusionConfig:
                                     image_inputs=IMAGE_INPUTS if name == "tiny_images" else 0, image_widths=(8, 8, 8)),
             inference=ResidualInferenceConfig(steps=4, mean_samples=3, chunk_depth=16, chunk_overlap=4),
         )
-    if name in ("default", "latents_only"):
+    if name in ("default", "images"):
         # U-Net 2+1-D, base 16; VAE light at 1/2 because the decoder runs on every thin slice of
-        # every sample. "latents_only" is the first shipped U-Net, conditioned on latents alone.
+        # every sample.
         return ResidualDiffusionConfig(
             name=name,
             vae=GuidedVAEConfig(widths=(24, 48, 96), guide_widths=(16, 24, 48)),
             unet=ResidualUNetConfig(base_channels=16, channel_mult=(1, 2, 4), blocks_per_level=1, attention_levels=(1, 2),
                                     attention_head_channels=16, conv="2+1d", norm_groups=8,
-                                    image_inputs=IMAGE_INPUTS if name == "default" else 0),
+                                    image_inputs=IMAGE_INPUTS if name == "images" else 0),
         )
-    raise InputError(f"unknown residual diffusion config {name!r}; choose tiny, tiny_images, default or latents_only")
+    raise InputError(f"unknown residual diffusion config {name!r}; choose tiny, tiny_images, default or images")
 
 
 
