@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,19 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="the training config whose validation runs and settings are used")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
+    from ctsliceinterp.core.errors import InputError
     from ctsliceinterp.pipelines.residual_diffusion import load_residual_model
+    from train_residual_diffusion import ResidualDiffusionTask
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    model_config, _, _, unet = load_residual_model(args.model)
-    config.update({"model": model_config.name, "init_unet": None, "vae_checkpoint": args.model})
-    config["data"] = {**config.get("data", {}), "cache_runs": 0}
-    task = __import__("train_residual_diffusion").ResidualDiffusionTask(config, loop.Runtime("cpu"), Path("."))
+    try:
+        config = yaml.safe_load(Path(args.config).read_text())
+        model_config, _, _, unet = load_residual_model(args.model)
+        config.update({"model": model_config.name, "init_unet": None, "vae_checkpoint": args.model})
+        config["data"] = {**config.get("data", {}), "cache_runs": 0}
+        task = ResidualDiffusionTask(config, loop.Runtime("cpu"), Path("."))
+    except (OSError, InputError, loop.TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if task.model_config.unet != model_config.unet:  # score the folder's own U-Net, whatever its config
         task.model_config = model_config
         task.pipeline.config = model_config

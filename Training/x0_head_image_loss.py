@@ -38,7 +38,7 @@ from ctsliceinterp.pipelines.residual_diffusion import ResidualDiffusionInterpol
 def decoded_head(model: ResidualDiffusionInterpolator, item: dict) -> torch.Tensor:
     """The x0 head's output for one run, decoded with its base: (D, H, W) HU, differentiable in the U-Net."""
     base = item["base"].numpy()
-    condition = model.condition(base, item["thick"].numpy(), item["x"].numpy())
+    condition = model.encoded_condition(base, item["thick"].numpy(), item["x"].numpy())
     latents = model.mean_residual(condition, item["positions"][None])
     z = (latents[0].permute(1, 0, 2, 3) / model.vae.latent_scale).contiguous()
     return model.vae.decode(z, item["base"][:, None])[:, 0]

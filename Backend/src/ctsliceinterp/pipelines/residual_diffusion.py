@@ -43,7 +43,7 @@ from ..core.acquisition import consistency_correction
 from ..core.errors import GeometryError, InputError
 from ..core.progress import as_reporter
 from ..core.volume import Geometry, Volume
-from ..models.configs import SAMPLERS, DiffusionConfig, UNetConfig
+from ..models.configs import SAMPLERS, DiffusionConfig
 from ..models.guided_vae import GuidedSliceVAE, GuidedVAEConfig
 from ..models.regression import ThroughPlaneNet
 from ..models.residual_unet import ResidualUNet3D, ResidualUNetConfig, pack_images
@@ -146,7 +146,6 @@ def named_config(name: str) -> ResidualDiffusionConfig:
                                     image_inputs=IMAGE_INPUTS if name == "images" else 0),
         )
     raise InputError(f"unknown residual diffusion config {name!r}; choose tiny, tiny_images, default or images")
-
 
 
 def image_condition(base_hu: np.ndarray, thick_hu: np.ndarray, x: np.ndarray, regression_config) -> np.ndarray:
@@ -286,7 +285,6 @@ class ResidualDiffusionInterpolator:
     def mean_residual(self, condition: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The posterior mean of the scaled residual latent by the x0 head, in depth chunks."""
         steps = self.config.diffusion.num_train_timesteps
-        channels = self.config.vae.latent_channels
         return self._over_depth(lambda a, b: self.unet.posterior_mean(condition[:, :, a:b], positions[:, :, a:b], steps),
                                 condition)
 
