@@ -133,7 +133,8 @@ def model_method(model: str) -> str:
     if str(model) in SHIPPED_MODELS:
         raise InputError(_not_installed(str(model)))
     markers = " or ".join(m.checkpoint_file for m in METHODS.values() if m.checkpoint_file)
-    raise InputError(f"model {str(model)[:80]!r}: not a shipped model nor a folder holding {markers}")
+    raise InputError(f"model {str(model)[:80]!r}: not a shipped model nor a folder holding {markers} "
+                     f"(shipped: {', '.join(SHIPPED_MODELS)})")
 
 
 def _not_installed(name: str) -> str:
