@@ -90,6 +90,15 @@ def test_resume_continues_exactly(thin_volumes, tmp_path):
     assert train_vae.main(_vae_args(thin_volumes, tmp_path / "b", 8, *common)) == 2
 
 
+def test_resume_takes_the_configs_lr(thin_volumes, tmp_path):
+    # Extending a run at another LR: the saved state's starting LR must not win silently.
+    common = ("--set", "train.steps_per_epoch=4", "--set", "train.warmup_steps=1")
+    assert train_vae.main(_vae_args(thin_volumes, tmp_path / "r", 2, *common, "--set", "train.lr=1e-3")) == 0
+    assert train_vae.main(_vae_args(thin_volumes, tmp_path / "r", 4, *common, "--set", "train.lr=2e-4", "--resume")) == 0
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert lrs[:2] == pytest.approx([1e-3, 1e-3]) and lrs[2:] == pytest.approx([2e-4, 2e-4]), lrs
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(thin_volumes, tmp_path, capsys):
     out = tmp_path / "nan"
     assert train_vae.main(_vae_args(thin_volumes, out, 2, "--set", "train.steps_per_epoch=2")) == 0
