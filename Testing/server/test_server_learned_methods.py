@@ -183,15 +183,29 @@ def test_a_job_counts_the_samples_and_volumes_its_model_will_return(tmp_path, es
 
 def test_the_default_samples_come_from_each_models_config(tmp_path):
     from ctsliceinterp.api import MAX_SAMPLES
-    from ctsliceinterp.serving.server.models import default_samples
+    from ctsliceinterp.serving.server.models import default_samples, inference_settings
 
-    assert default_samples(_residual_marker(tmp_path / "a", {"mean_estimator": "samples", "mean_samples": 5}),
-                           "residual_diffusion") == 5
-    assert default_samples(_residual_marker(tmp_path / "b", {"mean_estimator": "samples"}),
-                           "residual_diffusion") == MAX_SAMPLES  # not said: the most a job may run
-    assert default_samples(_residual_marker(tmp_path / "c", {}), "residual_diffusion") == 1  # the x0 head
-    assert default_samples("residual_diffusion", "residual_diffusion") == 1  # the shipped model: the x0 head
-    assert default_samples("regression", "regression") == 1
+    def samples(spec, method="residual_diffusion"):
+        return default_samples(inference_settings(spec, method))
+
+    assert samples(_residual_marker(tmp_path / "a", {"mean_estimator": "samples", "mean_samples": 5})) == 5
+    assert samples(_residual_marker(tmp_path / "b", {"mean_estimator": "samples"})) == MAX_SAMPLES  # not said: the most
+    assert samples(_residual_marker(tmp_path / "c", {"mean_estimator": "x0_head"})) == 1
+    assert samples("residual_diffusion") == 1  # the shipped model: the x0 head
+    assert samples("regression", "regression") == 1
+    assert inference_settings(str(tmp_path / "missing"), "residual_diffusion") == {}
+
+
+def test_sampling_options_alone_for_an_x0_head_model_are_a_400_before_it_is_queued(start_server):
+    """The shipped residual model's default output is the x0 head: steps or a sampler without samples
+    would fail in the worker after the model loads; they are refused at intake, with the pipeline's words."""
+    server = start_server(models=["residual_diffusion"], device="cpu")
+    client = Client(server.url)
+    for extra in ({"steps": 8}, {"sampler": "ddim"}):
+        with pytest.raises(InputRejected, match="x0 head.*takes no steps or sampler") as refused:
+            client.submit(_thick(), {"method": "residual_diffusion", "spacing": 1.0, **extra})
+        assert refused.value.status == 400
+    assert server.manager.counts()["held"] == 0
 
 
 def test_a_server_counts_a_default_job_of_a_sampling_mean_model_as_mean_and_spread(start_server, tmp_path, monkeypatch):

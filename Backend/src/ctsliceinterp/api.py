@@ -273,6 +273,17 @@ def _not_taken(method: Method, refused: list[str]) -> str:
     return f"{method.name} takes no {', '.join(refused)}: {where}"
 
 
+def sampling_refused(mean_estimator: Optional[str], samples: Optional[int], steps: Optional[int],
+                     sampler: Optional[str]) -> Optional[str]:
+    """Why a request may not set ``steps``/``sampler``: a model whose default output is the posterior
+    mean by the x0 head runs no sampler unless samples are asked for (None: allowed). One rule for
+    the pipeline and the server's intake."""
+    if samples is None and mean_estimator == "x0_head" and (steps or sampler):
+        return ("the default output (the posterior mean by the x0 head) takes no steps or sampler: "
+                "ask for samples (1 for one sample, N for the mean of N) to sample")
+    return None
+
+
 def shared_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Of request fields meant for several methods at once (evaluate's ``--model``, ``--seed``),
     those ``method`` takes; the other fields pass unchanged."""

@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..api import sampling_refused
 from ..core.acquisition import consistency_correction
 from ..core.errors import GeometryError, InputError
 from ..core.progress import as_reporter
@@ -309,9 +310,9 @@ class ResidualDiffusionInterpolator:
         reporter = as_reporter(reporter)
         inference = self.config.inference
         head = samples is None and inference.mean_estimator == "x0_head"
-        if head and (steps or sampler):
-            raise InputError("the default output (the posterior mean by the x0 head) takes no steps or sampler: "
-                             "ask for samples (1 for one sample, N for the mean of N) to sample")
+        refused = sampling_refused(inference.mean_estimator, samples, steps, sampler)
+        if refused:
+            raise InputError(refused)
         steps = int(steps or inference.steps)
         sampler = sampler or inference.sampler
         samples = 1 if head else int(inference.mean_samples if samples is None else samples)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...api import CLASSICAL_METHODS, DEFAULT_METHOD, MAX_SAMPLES, METHODS, InterpolationRequest, get_method, load_model, \
-    model_folder, model_method
+    model_folder, model_method, sampling_refused
 from ...core.errors import InputError
 
 log = logging.getLogger("ctsliceinterp.serving.server")
@@ -29,19 +29,27 @@ def model_name(spec: str) -> str:
     return path.name if (path.exists() or "/" in spec or "\\" in spec) else spec
 
 
-def default_samples(spec: str, method: str) -> int:
-    """The samples a request without ``samples`` runs on this model, read from its checkpoint's
-    config (JSON, no torch): a model whose ``inference.mean_estimator`` is "samples" (latent
-    diffusion v2 trained so) averages ``inference.mean_samples`` of them and returns their spread
-    too; the others (the x0 head, v1's one sample, regression) run one."""
-    checkpoint = METHODS[method].checkpoint_file
+def inference_settings(spec: str, method: str) -> dict:
+    """The ``inference`` section of a model's checkpoint config (JSON, no torch); empty when it has
+    none or it cannot be read (such a model will not load either, so its jobs never hold a result)."""
     try:
-        inference = json.loads((model_folder(spec) / checkpoint).read_text())["config"]["inference"]
-        if inference.get("mean_estimator") != "samples":
-            return 1
+        inference = json.loads((model_folder(spec) / METHODS[method].checkpoint_file).read_text())["config"]["inference"]
+        return inference if isinstance(inference, dict) else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def default_samples(inference: dict) -> int:
+    """The samples a request without ``samples`` runs on a model with these ``inference_settings``:
+    one whose ``mean_estimator`` is "samples" (latent diffusion v2 trained so) averages
+    ``mean_samples`` of them and returns their spread too; the others (the x0 head, v1's one
+    sample, regression) run one."""
+    if inference.get("mean_estimator") != "samples":
+        return 1
+    try:
         return max(1, int(inference.get("mean_samples", MAX_SAMPLES)))  # not said: count the most a job may run
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return 1  # no readable config: the model will not load either, so the job never holds a result
+    except (TypeError, ValueError):
+        return MAX_SAMPLES
 
 
 def pipeline_available(method: str) -> bool:
@@ -57,7 +65,7 @@ class ModelRegistry:
         if len(self.specs) != len(specs):
             raise InputError("two --model arguments have the same name; give checkpoint folders distinct names")
         self.methods = {name: model_method(spec) for name, spec in self.specs.items()}
-        self._default_samples = {name: default_samples(self.specs[name], method) for name, method in self.methods.items()}
+        self._inference = {name: inference_settings(self.specs[name], method) for name, method in self.methods.items()}
         self.requested_device = device
         self._device: Optional[str] = None
         self._loaded: dict[str, Any] = {}
@@ -103,10 +111,13 @@ class ModelRegistry:
 
     def samples(self, request: InterpolationRequest) -> int:
         """The samples a checked request (its ``model`` resolved by ``check``) runs: its own, else
-        its model's default output's, which the server's size and memory limits count."""
-        if request.samples is not None:
-            return request.samples
-        return self._default_samples.get(request.model, 1) if request.model else 1
+        its model's default output's, which the server's size and memory limits count. A request
+        its model would refuse after loading (``api.sampling_refused``) is refused here, before queueing."""
+        inference = self._inference.get(request.model, {}) if request.model else {}
+        refused = sampling_refused(inference.get("mean_estimator"), request.samples, request.steps, request.sampler)
+        if refused:
+            raise InputError(f"model {request.model}: {refused}")
+        return request.samples if request.samples is not None else default_samples(inference)
 
     # --- lookup and loading ---------------------------------------------------------------
     def check(self, method: str, name: Optional[str]) -> str:
