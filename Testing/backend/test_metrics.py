@@ -151,6 +151,19 @@ def _flat_phantom(seed: int = 0) -> np.ndarray:
     return ref
 
 
+def test_local_std_in_slice_chunks_equals_the_whole_volume_computation():
+    from scipy import ndimage
+
+    from ctsliceinterp.evaluation.metrics import local_std
+
+    hu = np.random.default_rng(5).normal(40, 30, (23, 12, 10)).astype(np.float32)
+    a = hu.astype(np.float64)
+    mean = ndimage.uniform_filter(a, 5)
+    whole = np.sqrt(np.maximum(ndimage.uniform_filter(a * a, 5) - mean * mean, 0.0))
+    for chunk in (1, 4, 7, 23, 64):
+        np.testing.assert_allclose(local_std(hu, 5, chunk_slices=chunk), whole, rtol=1e-6, atol=1e-4)
+
+
 def test_flat_texture_ratio_flags_invented_noise_and_smoothing():
     from scipy import ndimage
 
