@@ -299,7 +299,7 @@ class _Optimisation:
     """Model, optimizer, LR schedule and EMA of one run, saved to and restored from ``train_state.pt``."""
 
     def __init__(self, task, settings: dict[str, Any], runtime: Runtime):
-        self.settings = settings
+        self.lr = float(settings["lr"])  # restore() applies it over the saved state's
         self.model = task.model.to(runtime.device)
         if settings["grad_checkpointing"]:
             task.enable_gradient_checkpointing()
@@ -317,11 +317,10 @@ class _Optimisation:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved state holds the LR it started with; the config's wins, so a run can be extended at another LR.
-        lr = float(self.settings["lr"])
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
-            group["initial_lr"] = lr
-            group["lr"] = lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.ema.load_state_dict(state["ema"])
         step = int(state["step"])
         rngs = state["rng"]
