@@ -432,10 +432,14 @@ class CTSliceInterpWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if server is None and not self._ensureLocalBackendInstalled():
             return
         p = self._parameterNode
+        method = self._currentMethod()
+        options = method_options(method)  # the disabled boxes keep their values: send only the enabled ones
         try:
             self._run = self.logic.start(
-                p.inputVolume, p.outputVolume, spacing=p.spacing, method=self._currentMethod(),
-                steps=p.steps or None, samples=p.samples or None, consistency=p.consistency, server=server, token=token,
+                p.inputVolume, p.outputVolume, spacing=p.spacing, method=method,
+                steps=(p.steps or None) if "steps" in options else None,
+                samples=(p.samples or None) if "samples" in options else None,
+                consistency=p.consistency, server=server, token=token,
                 showUncertainty=p.showUncertainty, caFile=caFile,
             )
         except Exception as exc:  # noqa: BLE001 - bad input: a clear message, nothing created

@@ -110,24 +110,17 @@ def job_request(method: str, spacing: float, steps=None, samples: Optional[int] 
                 seed=None) -> InterpolationRequest:
     """The request for a menu choice: ``method`` is a method of the backend's registry
     (``bspline``, ``diffusion`` = the server's default diffusion model, ...) or the name of one of
-    the server's diffusion models. Only the options that method takes are sent; ``samples`` None:
-    the method's default output (residual_diffusion: the posterior mean)."""
+    the server's diffusion models. ``samples`` None: the method's default output (residual_diffusion:
+    the posterior mean). An option the method does not take is refused (``InputError``), not dropped:
+    the widget sends only those of the boxes it enables."""
     choice = (method or DEFAULT_METHOD).strip()
     name, model = (choice.lower(), None) if choice.lower() in METHODS else (DIFFUSION_METHOD, choice)
-    entry = METHODS[name]
-    if entry.classical:
-        return InterpolationRequest(method=name, spacing=float(spacing))
-    options = {}
-    if "samples" in entry.options and samples is not None:
-        if int(samples) < 1:
-            raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
-        options["samples"] = int(samples)
-    if "steps" in entry.options and steps:
-        options["steps"] = int(steps)
-    if "consistency" in entry.options:
+    if samples is not None and int(samples) < 1:
+        raise InputError(_("the number of samples must be at least 1, got {samples}").format(samples=samples))
+    options = {"steps": int(steps) if steps else None, "samples": None if samples is None else int(samples),
+               "seed": None if seed is None else int(seed)}
+    if not METHODS[name].classical:  # classical methods keep their textbook meaning: no correction by default
         options["consistency"] = bool(consistency)
-    if "seed" in entry.options and seed is not None:
-        options["seed"] = int(seed)
     return InterpolationRequest(method=name, spacing=float(spacing), model=model, **options)
 
 

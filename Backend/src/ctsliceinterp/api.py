@@ -203,9 +203,8 @@ class InterpolationRequest:
 
     def __post_init__(self) -> None:
         # The one check that a request's options are its method's: the Python API, the command
-        # line and a server's from_params all build one, so none of them drops an option. (The
-        # Slicer Lib's job_request sends only those its menu choice takes: the widget keeps the
-        # values of the boxes it disables.)
+        # line, a server's from_params and the Slicer Lib's job_request all build one, so none of them
+        # drops an option. (The widget sends only its enabled boxes: the disabled ones keep values.)
         method = METHODS.get(self.method) if isinstance(self.method, str) else None
         if method is None:  # SERVER_DEFAULT: the server checks once it has chosen; unknown: interpolate says so
             return
