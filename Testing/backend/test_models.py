@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctsliceinterp.schedulers import sample, sampling_scheduler
-from ctsliceinterp.models.configs import CONFIGS, PARAMETER_RANGES, ConfigError, ModelConfig, get_config
+from ctsliceinterp.models.configs import CONFIGS, PARAMETER_RANGES, SAMPLERS, ConfigError, ModelConfig, get_config
 from ctsliceinterp.models.sizes import parameter_counts
 from ctsliceinterp.models.unet import UNet3D
 from ctsliceinterp.models.vae import SliceVAE, measure_latent_scale, vae_loss
@@ -108,7 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_samplers_run_from_noise_with_diffusers(sampler):
     config = get_config("tiny").diffusion
     scheduler = sampling_scheduler(sampler, config)
@@ -126,6 +126,22 @@ def test_samplers_run_from_noise_with_diffusers(sampler):
     assert seen[-1] == (6, 6)
     # Started from unit noise; ends at the data up to the last step's tiny noise level.
     assert x.abs().max() < 0.05
+
+
+def test_stochastic_sampler_draws_its_step_noise_from_the_seeded_generator():
+    """dpmpp_sde adds fresh noise at every step: from the caller's generator, so a seed repeats
+    the sample exactly, whatever the global RNG did in between."""
+    config = get_config("tiny").diffusion
+
+    def run(seed, global_seed):
+        denoise = lambda x, t: 0.5 * x  # noqa: E731  a denoiser that leaves noise to the sampler
+        torch.manual_seed(global_seed)
+        return sample(denoise, (1, 4, 3, 4, 4), sampling_scheduler("dpmpp_sde", config), 5,
+                      torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+    first, again, other = run(0, global_seed=1), run(0, global_seed=2), run(1, global_seed=1)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
 
 
 def test_tiny_vae_learns_real_ct(shared_data):

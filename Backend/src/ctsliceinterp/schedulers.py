@@ -2,7 +2,8 @@
 ``Training/diffusion_loss.py``).
 
 Schedulers come from diffusers (no hand-written samplers): ``DDIMScheduler`` (20-50 steps) or
-``DPMSolverMultistepScheduler`` (DPM-Solver++, 2nd order, <= 10 steps), both with "trailing"
+``DPMSolverMultistepScheduler`` (DPM-Solver++, 2nd order, <= 10 steps; ``dpmpp_sde`` its stochastic
+form, which draws fresh noise at each step), all with "trailing"
 timestep spacing so that sampling starts from pure noise even at few steps. Prediction type is
 ``v_prediction`` by default (``epsilon`` also supported).
 """
@@ -18,7 +19,7 @@ from .models.configs import SAMPLERS, DiffusionConfig
 
 
 def sampling_scheduler(name: str, config: DiffusionConfig):
-    """A fresh diffusers scheduler for ``name`` in ("ddim", "dpmpp")."""
+    """A fresh diffusers scheduler for ``name`` in ``SAMPLERS``."""
     common = dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -29,10 +30,11 @@ def sampling_scheduler(name: str, config: DiffusionConfig):
         from diffusers import DDIMScheduler
 
         return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
-    if name == "dpmpp":
+    if name in ("dpmpp", "dpmpp_sde"):
         from diffusers import DPMSolverMultistepScheduler
 
-        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, **common)
+        algorithm = "sde-dpmsolver++" if name == "dpmpp_sde" else "dpmsolver++"
+        return DPMSolverMultistepScheduler(algorithm_type=algorithm, solver_order=2, lower_order_final=True, **common)
     raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -60,7 +62,7 @@ def sample(
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(x, t)
         prediction = denoise(model_input, t).float()
-        x = scheduler.step(prediction, t, x, return_dict=False)[0]
+        x = scheduler.step(prediction, t, x, generator=generator, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return x

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..api import CLASSICAL_METHODS, available_methods
+from ..models.configs import SAMPLERS
 
 DEFAULT_METHODS = ",".join(CLASSICAL_METHODS)
 
@@ -33,7 +34,7 @@ def configure_parser(parser) -> None:
     model = parser.add_argument_group("model options (--model: the learned method's; the others: diffusion's)")
     model.add_argument("--model", help="model name or checkpoint folder of the one learned method evaluated")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
+    model.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
     model.add_argument("--seed", type=int, default=0, help="random seed (default 0, so reruns are comparable)")
     model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")

@@ -6,6 +6,7 @@ import sys
 
 from ..api import DEFAULT_METHOD, METHODS, RESIDUAL_DIFFUSION_METHOD, SERVER_DEFAULT, available_methods
 from ..core.grid import DEFAULT_SPACING_MM
+from ..models.configs import SAMPLERS
 from .common import TqdmProgress, add_input_arguments, method_of_model
 
 
@@ -27,7 +28,7 @@ def configure_parser(parser) -> None:
                                         f"{unshipped} ships none: give your trained model's folder); "
                                         "without --method it names its own method")
     model.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    model.add_argument("--sampler", choices=["ddim", "dpmpp"], help="sampler (default: the model's)")
+    model.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
     model.add_argument("--samples", type=int, default=None, metavar="N",
                        help="default: the method's default output (the posterior mean for residual_diffusion, one "
                             "sample for diffusion); 1: one realistic sample; N > 1: the mean of N samples, with their "

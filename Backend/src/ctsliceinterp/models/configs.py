@@ -156,7 +156,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-SAMPLERS = ("ddim", "dpmpp")
+SAMPLERS = ("ddim", "dpmpp", "dpmpp_sde")
 
 
 def _build(kind, values: dict[str, Any]):
