@@ -18,7 +18,7 @@ from ctsliceinterp.core.classical import interpolate_classical  # noqa: E402
 from ctsliceinterp.core.errors import InputError  # noqa: E402
 from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
-from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet  # noqa: E402
+from ctsliceinterp.models.regression import SELF_ENSEMBLE, RegressionConfig, ThroughPlaneNet, transform_in_plane  # noqa: E402
 from ctsliceinterp.pipelines.regression import RegressionInterpolator, neighbour_indices, network_inputs  # noqa: E402
 
 SAMPLE = REPO_ROOT / "samples" / "phantom_head_thick_5mm.nii.gz"
@@ -63,6 +63,40 @@ def test_untrained_network_returns_bspline_with_exact_geometry_and_unclipped_hu(
     np.testing.assert_allclose(output.array, expected, atol=1e-3)  # zero-initialised last layer
     assert output.array.min() <= -3023.9 and output.array.max() >= 2499.9
     assert output.metadata["method"] == "regression" and "slice_thickness" not in output.metadata
+
+
+def test_in_plane_transforms_invert_on_non_square_images():
+    images = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 5, 7)
+    moved = [transform_in_plane(images, *t) for t in SELF_ENSEMBLE]
+    assert len({tuple(m.flatten().tolist()) for m in moved}) == 8  # eight different transforms
+    for transform, image in zip(SELF_ENSEMBLE, moved):
+        torch.testing.assert_close(transform_in_plane(image, *transform, inverse=True), images)
+
+
+@pytest.mark.parametrize("transforms,size", [(4, (12, 20)), (8, (16, 16))])
+def test_self_ensemble_makes_the_correction_equivariant(transforms, size):
+    """Averaged over a group of in-plane transforms, the correction of a transformed input is the
+    transformed correction, for any network; a single pass of a random network is not."""
+    torch.manual_seed(0)
+    single_net = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8)))
+    torch.nn.init.normal_(single_net.head.weight, std=0.1)
+    ensemble_net = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8), self_ensemble=transforms))
+    ensemble_net.load_state_dict(single_net.state_dict())
+    single, ensemble = (RegressionInterpolator(n, device="cpu") for n in (single_net, ensemble_net))
+    inputs = np.random.default_rng(0).normal(size=(2, single.config.in_channels) + size).astype(np.float32)
+    move = lambda a, t: transform_in_plane(torch.from_numpy(a), *t).numpy()  # noqa: E731
+    for transform in SELF_ENSEMBLE[1:transforms]:
+        moved = move(inputs, transform)
+        assert np.abs(single.correct(moved) - move(single.correct(inputs), transform)).max() > 1e-2
+        np.testing.assert_allclose(ensemble.correct(moved), move(ensemble.correct(inputs), transform), atol=1e-5)
+
+
+def test_self_ensemble_is_saved_with_the_network_and_checked(tmp_path):
+    net = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8), self_ensemble=4))
+    net.save_pretrained(tmp_path)
+    assert ThroughPlaneNet.from_pretrained(tmp_path).config.self_ensemble == 4
+    with pytest.raises(ValueError, match="self_ensemble must be 1, 2, 4 or 8"):
+        RegressionConfig(self_ensemble=3)
 
 
 def test_consistency_makes_reaveraged_output_match_the_thick_slices():

@@ -31,7 +31,14 @@ class RegressionConfig:
     widths: tuple[int, int, int] = (32, 64, 96)  # channels at 1/2, 1/4 and 1/8 of the in-plane size
     fold: int = 2  # pixel-unshuffle factor of the input
     hu_scale: float = 1000.0  # HU per network unit, in and out
+    # Inference: the correction averaged over this many of the in-plane flips and transposes that
+    # training augments with (``SELF_ENSEMBLE``: 1 none, 2, 4 or 8), a geometric self-ensemble.
+    self_ensemble: int = 1
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.self_ensemble not in (1, 2, 4, 8):
+            raise ValueError(f"self_ensemble must be 1, 2, 4 or 8, got {self.self_ensemble}")
 
     @property
     def in_channels(self) -> int:
@@ -48,10 +55,26 @@ class RegressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RegressionConfig":
-        known = {k: data[k] for k in ("neighbours", "widths", "fold", "hu_scale", "extra") if k in data}
+        known = {k: data[k] for k in ("neighbours", "widths", "fold", "hu_scale", "self_ensemble", "extra") if k in data}
         if "widths" in known:
             known["widths"] = tuple(int(w) for w in known["widths"])
         return cls(**known)
+
+
+# (transpose, flip rows, flip columns), in the order ``self_ensemble`` takes them: the flips first.
+SELF_ENSEMBLE = [(False, False, False), (False, False, True), (False, True, False), (False, True, True),
+                 (True, False, False), (True, False, True), (True, True, False), (True, True, True)]
+
+
+def transform_in_plane(images: torch.Tensor, transpose: bool, flip_rows: bool, flip_columns: bool,
+                       inverse: bool = False) -> torch.Tensor:
+    """One of ``SELF_ENSEMBLE``'s transforms of (..., H, W) images, or its inverse."""
+    def flips(t):
+        dims = [d for d, on in ((-2, flip_rows), (-1, flip_columns)) if on]
+        return t.flip(dims) if dims else t
+
+    swap = (lambda t: t.transpose(-1, -2)) if transpose else (lambda t: t)  # noqa: E731
+    return flips(swap(images)) if inverse else swap(flips(images))
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

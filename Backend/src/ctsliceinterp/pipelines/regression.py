@@ -28,7 +28,7 @@ from ..core.progress import as_reporter
 from ..core.volume import Geometry, Volume
 from ..models import WEIGHTS_DIR
 from .device import resolve_device
-from ..models.regression import CONFIG_FILE, RegressionConfig, ThroughPlaneNet
+from ..models.regression import CONFIG_FILE, SELF_ENSEMBLE, RegressionConfig, ThroughPlaneNet, transform_in_plane
 
 ESTIMATE_RANGE = (-1.5, 3.5)  # network units (HU / hu_scale) the estimate channel is clipped to
 DIFFERENCE_LIMIT = 3.0
@@ -99,9 +99,15 @@ class RegressionInterpolator:
 
     @torch.inference_mode()
     def correct(self, inputs: np.ndarray) -> np.ndarray:
-        """Network correction in HU for a batch of ``network_inputs``."""
-        tensor = torch.from_numpy(inputs).to(self.device, memory_format=torch.channels_last)
-        return (self.net(tensor)[:, 0].float() * self.config.hu_scale).cpu().numpy()
+        """Network correction in HU for a batch of ``network_inputs``, averaged over the config's
+        ``self_ensemble`` in-plane transforms."""
+        tensor = torch.from_numpy(inputs).to(self.device)
+        total = None
+        for transform in SELF_ENSEMBLE[: self.config.self_ensemble]:
+            moved = transform_in_plane(tensor, *transform).contiguous(memory_format=torch.channels_last)
+            correction = transform_in_plane(self.net(moved)[:, 0].float(), *transform, inverse=True)
+            total = correction if total is None else total + correction
+        return (total * (self.config.hu_scale / self.config.self_ensemble)).cpu().numpy()
 
     def run(self, volume: Volume, target: Geometry, consistency: bool = True, reporter=None,
             batch_slices: int = 4) -> Volume:
