@@ -54,7 +54,7 @@ class RegressionTask:
         model_section = dict(config.get("model") or {})
         try:
             self.model_config = RegressionConfig.from_dict(model_section)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise TrainingError(f"bad model section: {exc}") from None
         data = config.get("data") or {}
         seed = int(settings["seed"])
