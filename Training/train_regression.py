@@ -22,6 +22,7 @@ import loop
 from loop import TrainingError, train_settings
 
 from ctsliceinterp.evaluation.metrics import psnr, to_unit_range, window_bounds, window_to_unit_range
+from ctsliceinterp.models.configs import ConfigError
 from ctsliceinterp.models.regression import RegressionConfig, ThroughPlaneNet, parameter_count
 
 WINDOW_WEIGHT = 1.5  # extra L1 weight on voxels whose truth lies in the soft-tissue window
@@ -54,7 +55,7 @@ class RegressionTask:
         model_section = dict(config.get("model") or {})
         try:
             self.model_config = RegressionConfig.from_dict(model_section)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ConfigError) as exc:
             raise TrainingError(f"bad model section: {exc}") from None
         data = config.get("data") or {}
         seed = int(settings["seed"])

@@ -3,6 +3,7 @@ network against B-spline on a real volume it was never trained on."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(REPO_ROOT / "Training"))
 
 from ctsliceinterp.core.classical import interpolate_classical  # noqa: E402
 from ctsliceinterp.core.errors import InputError  # noqa: E402
+from ctsliceinterp.models.configs import ConfigError  # noqa: E402
 from ctsliceinterp.core.grid import thin_grid  # noqa: E402
 from ctsliceinterp.core.volume import Geometry, Volume  # noqa: E402
 from ctsliceinterp.models.regression import SELF_ENSEMBLE, RegressionConfig, ThroughPlaneNet, transform_in_plane  # noqa: E402
@@ -95,8 +97,14 @@ def test_self_ensemble_is_saved_with_the_network_and_checked(tmp_path):
     net = ThroughPlaneNet(RegressionConfig(widths=(8, 8, 8), self_ensemble=4))
     net.save_pretrained(tmp_path)
     assert ThroughPlaneNet.from_pretrained(tmp_path).config.self_ensemble == 4
-    with pytest.raises(ValueError, match="self_ensemble must be 1, 2, 4 or 8"):
+    with pytest.raises(ConfigError, match="self_ensemble must be 1, 2, 4 or 8"):
         RegressionConfig(self_ensemble=3)
+    # A model folder with a bad count is refused in one line, by the CLI too.
+    meta = json.loads((tmp_path / "regression.json").read_text())
+    meta["config"]["self_ensemble"] = 3
+    (tmp_path / "regression.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="self_ensemble must be 1, 2, 4 or 8, got 3"):
+        ThroughPlaneNet.from_pretrained(tmp_path)
 
 
 def test_consistency_makes_reaveraged_output_match_the_thick_slices():

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .configs import ConfigError
 from .folders import read_folder, save_folder
 
 WEIGHTS_FILE = "regression.safetensors"
@@ -38,7 +39,7 @@ class RegressionConfig:
 
     def __post_init__(self) -> None:
         if self.self_ensemble not in (1, 2, 4, 8):
-            raise ValueError(f"self_ensemble must be 1, 2, 4 or 8, got {self.self_ensemble}")
+            raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8, got {self.self_ensemble}")
 
     @property
     def in_channels(self) -> int:
