@@ -22,7 +22,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Backend" / "src"))
 VALIDATION = REPO / "runs" / "data" / "extra" / "chest_lungfcp-0001_1mm.nii.gz"
-COUNTS = (1, 2, 4, 8)
 
 
 def main(argv=None) -> int:
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     from ctsliceinterp.evaluation import metrics
     from ctsliceinterp.evaluation.evaluate import machine_description, simulated_case
     from ctsliceinterp.io import read_volume
-    from ctsliceinterp.models.regression import ThroughPlaneNet
+    from ctsliceinterp.models.regression import SELF_ENSEMBLE_COUNTS, ThroughPlaneNet
     from ctsliceinterp.pipelines.regression import RegressionInterpolator, resolve_model_folder
 
     case = simulated_case(read_volume(args.thin), 5.0)
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     rows = [{"self_ensemble": 0, "method": "bspline",
              **metrics.score(interpolate_classical(case.thick, target, "bspline").array, case.reference.array).as_dict()}]
     network = ThroughPlaneNet.from_pretrained(resolve_model_folder(args.model))
-    for count in COUNTS:
+    for count in SELF_ENSEMBLE_COUNTS:
         network.config = dataclasses.replace(network.config, self_ensemble=count)
         start = time.perf_counter()
         output = RegressionInterpolator(network, "cpu").run(case.thick, target)

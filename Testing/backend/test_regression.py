@@ -99,7 +99,7 @@ def test_self_ensemble_is_saved_with_the_network_and_checked(tmp_path):
     assert ThroughPlaneNet.from_pretrained(tmp_path).config.self_ensemble == 4
     with pytest.raises(ConfigError, match="self_ensemble must be 1, 2, 4 or 8"):
         RegressionConfig(self_ensemble=3)
-    # A model folder with a bad count is refused in one line, by the CLI too.
+    # A model folder with a bad count is refused too (a CTSliceInterpError: one line in the CLI).
     meta = json.loads((tmp_path / "regression.json").read_text())
     meta["config"]["self_ensemble"] = 3
     (tmp_path / "regression.json").write_text(json.dumps(meta))

@@ -22,6 +22,7 @@ from .folders import read_folder, save_folder
 
 WEIGHTS_FILE = "regression.safetensors"
 CONFIG_FILE = "regression.json"
+SELF_ENSEMBLE_COUNTS = (1, 2, 4, 8)  # each a group of in-plane transforms (SELF_ENSEMBLE's first n)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class RegressionConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.self_ensemble not in (1, 2, 4, 8):
+        if self.self_ensemble not in SELF_ENSEMBLE_COUNTS:
             raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8, got {self.self_ensemble}")
 
     @property
