@@ -9,8 +9,9 @@ the base is the model folder's own regression network on the reference's slice p
 consistency, as inference makes it), and the middle ``slices`` reference slices are encoded
 (posterior mean) and decoded at their full 512 x 512 size. Reported, on those slices: PSNR in the
 40/400 window and over the protocol range of the reconstruction, of the base alone and of B-spline,
-and the reconstruction's gains. It bounds what the residual diffusion can reach: the U-Net can at
-best predict the latent that this reconstruction decodes.
+and the reconstruction's gains, and each one's through-plane gradient energy over the reference's.
+It bounds what the residual diffusion can reach: the U-Net can at best predict the latent that this
+reconstruction decodes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ sys.path.insert(0, str(TRAINING_DIR.parent / "Backend" / "src"))
 
 from ctsliceinterp.api import InterpolationRequest, interpolate  # noqa: E402
 from ctsliceinterp.evaluation.evaluate import simulated_case  # noqa: E402
-from ctsliceinterp.evaluation.metrics import psnr, to_unit_range, window_to_unit_range  # noqa: E402
+from ctsliceinterp.evaluation.metrics import (  # noqa: E402
+    psnr, through_plane_gradient_ratio, to_unit_range, window_to_unit_range)
 from ctsliceinterp.io import read_volume  # noqa: E402
 from ctsliceinterp.io.atomic import atomic_file  # noqa: E402
 from ctsliceinterp.pipelines.regression import RegressionInterpolator  # noqa: E402
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
         report[f"psnr_{label}_db"] = scores
         report[f"gain_over_base_{label}_db"] = scores["guided_vae"] - scores["base"]
         report[f"gain_over_bspline_{label}_db"] = scores["guided_vae"] - scores["bspline"]
+    # How much of the through-plane detail the decoder returns from the ideal latent (what a sample can hope for).
+    report["z_gradient_ratio"] = {name: through_plane_gradient_ratio(a, truth) for name, a in
+                                  (("guided_vae", reconstruction), ("base", base), ("bspline", bspline))}
     report.update(seconds=round(seconds, 1), machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                   f"torch {torch.__version__}", command="python " + " ".join(sys.argv))
     text = json.dumps(report, indent=1)

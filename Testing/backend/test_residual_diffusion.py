@@ -301,6 +301,8 @@ def test_guided_vae_reconstruction_script_scores_the_vae_against_its_base(traine
         scores = report[f"psnr_{label}_db"]
         assert all(np.isfinite(v) for v in scores.values())
         assert report[f"gain_over_base_{label}_db"] == pytest.approx(scores["guided_vae"] - scores["base"])
+    assert set(report["z_gradient_ratio"]) == {"guided_vae", "base", "bspline"}
+    assert all(0 < v < 10 for v in report["z_gradient_ratio"].values())
 
 
 def test_the_encoded_pool_is_reused_only_for_the_same_runs_and_weights(tmp_path):
