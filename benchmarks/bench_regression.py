@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Backend" / "src"))
+
+from ctsliceinterp.evaluation.evaluate import machine_description  # noqa: E402
 SAMPLE = REPO / "samples" / "phantom_head_thick_5mm.nii.gz"
 CASES = (("phantom 5 mm -> 1 mm (136 slices)", 1.0), ("phantom 5 mm -> 0.45 mm (300 slices)", 0.45))
 METHODS = ("bspline", "regression")
@@ -90,8 +92,7 @@ def main(argv=None) -> int:
             results.append(row)
             print(f"{label}: " + ", ".join(f"{m} {row[m]['median_seconds']:.1f} s (peak {row[m]['peak_mib']:.0f} MiB)"
                                            for m in methods))
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": THREADS,
-                          "cpus": __import__("os").cpu_count()}, "repeats": args.repeats, "results": results}
+    report = {"machine": {**machine_description(), "threads": THREADS}, "repeats": args.repeats, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

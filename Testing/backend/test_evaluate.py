@@ -120,6 +120,17 @@ def test_cli_writes_json_summary_and_figures(tmp_path, capsys):
     assert "| lanczos |" in summary and "axial.png" in summary
 
 
+def test_reports_name_the_cpu_model_where_the_system_tells_it():
+    from pathlib import Path
+
+    from ctsliceinterp.evaluation.evaluate import machine_description
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    assert machine_description()["cpu_model"] == (names[0] if names else None)
+
+
 def test_cli_errors_write_nothing(tmp_path, capsys):
     from ctsliceinterp.io import write_volume
 
