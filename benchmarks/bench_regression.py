@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Backend" / "src"))
 
 from ctsliceinterp.evaluation.evaluate import machine_description  # noqa: E402
+
 SAMPLE = REPO / "samples" / "phantom_head_thick_5mm.nii.gz"
 CASES = (("phantom 5 mm -> 1 mm (136 slices)", 1.0), ("phantom 5 mm -> 0.45 mm (300 slices)", 0.45))
 METHODS = ("bspline", "regression")

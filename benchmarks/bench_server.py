@@ -52,6 +52,7 @@ from ctsliceinterp.core.errors import InputError  # noqa: E402
 from ctsliceinterp.serving.nrrd_bytes import volume_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
 from ctsliceinterp.api import InterpolationRequest, interpolate  # noqa: E402
 from ctsliceinterp.core.volume import Volume  # noqa: E402
+from ctsliceinterp.evaluation.evaluate import cpu_model  # noqa: E402
 
 
 # --- a server process --------------------------------------------------------------------------
@@ -787,14 +788,7 @@ def machine() -> str:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = float("nan")
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or ""
     return f"{platform.system()} {platform.machine()}, {cpus} CPU cores ({model}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
