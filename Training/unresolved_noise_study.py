@@ -123,8 +123,9 @@ def study(path: str, model, fractions=FRACTIONS) -> list[dict]:
         s = score(noisy, case.reference.array)
         rows.append({"volume": Path(path).name, "fraction": fraction, "psnr": s.psnr, "flat_texture_ratio": s.flat_texture_ratio,
                      "through_plane_gradient_ratio": s.through_plane_gradient_ratio})
-        print(f"{Path(path).name:40s} fraction {fraction:.1f}  PSNR {s.psnr:6.2f}  flat texture {s.flat_texture_ratio:5.2f}  "
-              f"z-gradient {s.through_plane_gradient_ratio:5.2f}", flush=True)
+        shown = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731  (no flat soft tissue)
+        print(f"{Path(path).name:40s} fraction {fraction:.1f}  PSNR {s.psnr:6.2f}  flat texture {shown(s.flat_texture_ratio)}  "
+              f"z-gradient {shown(s.through_plane_gradient_ratio)}", flush=True)
     return rows
 
 
